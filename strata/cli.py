@@ -1,0 +1,172 @@
+"""The ``strata`` command line: curate a source into a manifest version, show versions, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from importlib import resources
+from typing import Any, Sequence
+
+from strata.config import DEFAULT_MANIFEST_ROOT, STRATIFY_COLUMNS
+from strata.errors import StrataError
+
+DEMO_UNIQUENESS = r"(\d+)_\d+\.\w+$"
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
+def _add_curate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--split", default="train=0.8,devel=0.2",
+                        help="target fraction per purpose, summing to 1 (default: %(default)s; test is optional)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    parser.add_argument("--stratify", default="category",
+                        help=f"comma-separated columns whose combinations are the strata, from "
+                             f"{', '.join(STRATIFY_COLUMNS)}; 'none' for one stratum (default: %(default)s)")
+    parser.add_argument("--uniqueness", default=None,
+                        help="what makes an item: a regex on the key whose first group is the item id "
+                             r"(e.g. '(\d+)_\d+\.bmp$'), comma-separated column names, or md5 (default: md5)")
+    parser.add_argument("--near-duplicates", type=int, default=4, metavar="BITS",
+                        help="phash Hamming distance that counts as a near duplicate; -1 turns it off "
+                             "(default: %(default)s)")
+    parser.add_argument("--max-pixels", type=int, default=100_000_000,
+                        help="images with more pixels are rejected as too_large (default: %(default)s)")
+    parser.add_argument("--storage-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                        help="fsspec option for S3 and other remote URLs, e.g. endpoint_url=http://host:9000 "
+                             "(repeatable). Credentials come from the AWS environment, never from here")
+    parser.add_argument("--quiet", action="store_true", help="print only the result, no progress logs")
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from strata.config import CurateOptions
+    from tasks.split import parse_fractions
+
+    stratify = [] if args.stratify.strip().lower() == "none" else [c.strip() for c in args.stratify.split(",") if c.strip()]
+    return CurateOptions(split=parse_fractions(args.split), seed=args.seed, stratify=stratify,
+                         uniqueness=args.uniqueness, near_duplicates=args.near_duplicates,
+                         max_pixels=args.max_pixels, storage_options=dict(args.storage_option))
+
+
+def _print_counts(counts: dict[str, dict[str, int]]) -> None:
+    from tasks.report import counts_table
+
+    if not counts:
+        print("  (no samples)")
+        return
+    for line in counts_table(counts).to_string().splitlines():
+        print("  " + line)
+
+
+def _curate(source: str, dataset: str, manifests: str, args: argparse.Namespace) -> int:
+    if args.quiet:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    options = _options(args)
+    from flows.curate import curate_dataset
+
+    summary = curate_dataset(source=source, dataset=dataset, manifest_root=manifests, options=options)
+    print(f"\n{summary.dataset}: {summary.message}")
+    if summary.version_uri:
+        print(f"manifest: {summary.version_uri}/manifest.parquet")
+    if summary.diff:
+        print("diff vs parent: " + ", ".join(f"{k} {v}" for k, v in summary.diff.items()))
+    if summary.rejects:
+        print("rejects: " + ", ".join(f"{k} {v}" for k, v in summary.rejects.items()))
+    print("counts (category x purpose):")
+    _print_counts(summary.counts)
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    return _curate(args.source, args.dataset, args.manifests, args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    source = str(resources.files("strata") / "demo_data" / "vials")
+    print(f"curating the bundled demo data {source} into {os.path.abspath(args.manifests)}/vials")
+    if args.uniqueness is None:
+        args.uniqueness = DEMO_UNIQUENESS
+    return _curate(source, "vials", args.manifests, args)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from loader.manifest import open_version
+
+    version = open_version(args.dataset, args.version if args.version is not None else "latest",
+                           dict(args.storage_option))
+    info = version.info
+    print(f"{info['dataset']} version {info['version']} (parent {info['parent_version']}), {info['created_at']}")
+    print(f"  uri:        {version.uri}")
+    print(f"  source:     {info['source']}")
+    print(f"  rows:       {info['rows']}; rejects: {info.get('rejects') or 'none'}")
+    print(f"  diff:       {info.get('diff')}")
+    validation = info.get("validation") or {}
+    print(f"  validation: {'passed' if validation.get('success') else 'FAILED'}: {validation.get('summary', '')}")
+    print(f"  parameters: {json.dumps(info['parameters'], sort_keys=True)}")
+    print(f"  flow run:   {info.get('flow_run_id')}")
+    print("counts (category x purpose):")
+    _print_counts(info["counts"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="strata",
+        description="Turn class-foldered images into versioned, validated training manifests.",
+        epilog="Runs use Prefect's ephemeral API unless PREFECT_API_URL points at a server. "
+               "S3 credentials and endpoint come from the AWS environment (AWS_ENDPOINT_URL, ...).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    curate = commands.add_parser("curate", help="curate a folder or bucket into a new manifest version",
+                                 description="List SOURCE (one folder per class), inspect new and changed images, "
+                                             "group duplicates, split train/devel keeping earlier assignments, "
+                                             "validate, and publish ROOT/NAME/vNNNNNN.")
+    curate.add_argument("source", metavar="SOURCE", help="folder or URL with one sub-folder per class (s3://bucket/prefix)")
+    curate.add_argument("--dataset", required=True, metavar="NAME", help="dataset name under the manifest root")
+    curate.add_argument("--manifests", default=DEFAULT_MANIFEST_ROOT, metavar="ROOT",
+                        help="manifest root, a folder or URL (default: ./%(default)s)")
+    _add_curate_options(curate)
+    curate.set_defaults(handler=cmd_curate)
+
+    demo = commands.add_parser("demo", help="curate the bundled demo vial images into ./manifests/vials",
+                               description="Curate the bundled demo dataset (three imbalanced classes, repeated "
+                                           "photos per item, duplicates, a corrupt file) with item ids from the "
+                                           "file names.")
+    demo.add_argument("--manifests", default=DEFAULT_MANIFEST_ROOT, metavar="ROOT",
+                      help="manifest root (default: ./%(default)s)")
+    _add_curate_options(demo)
+    demo.set_defaults(handler=cmd_demo)
+
+    show = commands.add_parser("show", help="print a version's counts, parameters and validation outcome",
+                               description="Print one committed version of a dataset (the latest by default).")
+    show.add_argument("dataset", metavar="ROOT/NAME", help="dataset URI, e.g. manifests/vials or s3://bucket/manifests/vials")
+    show.add_argument("--version", type=int, default=None, help="version number (default: latest committed)")
+    show.add_argument("--storage-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
+                      help="fsspec option for remote URLs (repeatable)")
+    show.set_defaults(handler=cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``strata`` console script."""
+    args = build_parser().parse_args(argv)
+    # The ephemeral API server would otherwise try to phone home, which fails noisily offline.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        return int(args.handler(args) or 0)
+    except StrataError as err:
+        print(f"strata: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Typed, checked configuration of a curation run (Prefect validates it as a flow parameter)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from strata.errors import ConfigError
+from strata.storage import SECRET_OPTION_KEYS
+
+DEFAULT_MANIFEST_ROOT = "manifests"
+STRATIFY_COLUMNS = ("category", "folder", "format", "channels")
+
+
+class CurateOptions(BaseModel):
+    """Options of ``curate_dataset``; every field is recorded in the manifest's ``parameters``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "devel": 0.2},
+                                    description="target fraction per purpose (train, devel, test), summing to 1")
+    seed: int = Field(0, description="seed of the split: same inputs and seed give the same manifest")
+    stratify: list[str] = Field(default_factory=lambda: ["category"],
+                                description=f"columns whose combinations are the strata: {', '.join(STRATIFY_COLUMNS)}")
+    uniqueness: str | None = Field(None, description="item id: regex on the key (first group), column names, or md5")
+    near_duplicates: int = Field(4, ge=-1, le=32, description="phash Hamming threshold; -1 turns near duplicates off")
+    max_pixels: int = Field(100_000_000, gt=0, description="larger images are rejected as too_large")
+    chunk_size: int = Field(256, gt=0, le=100_000, description="objects per inspect task")
+    storage_options: dict[str, Any] = Field(default_factory=dict,
+                                            description="fsspec options without credentials (endpoint_url, region)")
+
+    @field_validator("split")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        from tasks.split import check_fractions
+
+        check_fractions(value)
+        return value
+
+    @field_validator("stratify")
+    @classmethod
+    def _stratify(cls, value: list[str]) -> list[str]:
+        unknown = [c for c in value if c not in STRATIFY_COLUMNS]
+        if unknown:
+            raise ConfigError(f"cannot stratify by {unknown}: choose from {', '.join(STRATIFY_COLUMNS)}")
+        return value
+
+    @field_validator("storage_options")
+    @classmethod
+    def _no_secrets(cls, value: dict[str, Any]) -> dict[str, Any]:
+        secret = sorted(k for k in value if k.lower() in SECRET_OPTION_KEYS)
+        if secret:
+            raise ConfigError(
+                f"storage options {secret} carry credentials and would be stored with the run; set "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or a profile) in the environment instead"
+            )
+        return value
+
+    def recorded(self) -> dict[str, Any]:
+        """The parameters written into ``manifest.json`` (what decides the content)."""
+        return self.model_dump(exclude={"chunk_size", "storage_options"})

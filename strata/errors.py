@@ -1,0 +1,41 @@
+"""strata's own exception types: one small module, imported by every layer."""
+
+from __future__ import annotations
+
+__all__ = [
+    "StrataError",
+    "ConfigError",
+    "SourceError",
+    "ManifestError",
+    "IntegrityError",
+    "CommitConflict",
+    "ValidationFailed",
+]
+
+
+class StrataError(Exception):
+    """Base class for every error strata raises on purpose."""
+
+
+class ConfigError(StrataError, ValueError):
+    """An argument or option is malformed; the message names it and the accepted form."""
+
+
+class SourceError(StrataError):
+    """The image source is missing, empty or unreachable."""
+
+
+class ManifestError(StrataError):
+    """A manifest root, dataset or version is missing or unusable."""
+
+
+class IntegrityError(ManifestError):
+    """A committed version does not match its recorded checksum, or is half-written."""
+
+
+class CommitConflict(StrataError):
+    """Another run committed (or is committing) the version this run planned to write."""
+
+
+class ValidationFailed(StrataError):
+    """The candidate manifest failed its checks; nothing was published."""

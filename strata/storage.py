@@ -1,0 +1,75 @@
+"""fsspec helpers shared by the flow and the loader: open a URL, name an object, classify errors.
+
+Everything here is protocol-agnostic: local paths, ``file://``, ``s3://`` and ``memory://`` behave alike.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, Mapping
+
+import fsspec
+from fsspec.core import url_to_fs
+
+__all__ = ["open_url", "object_uri", "is_transient", "SECRET_OPTION_KEYS"]
+
+# Storage options that carry credentials: never accepted as flow parameters, never logged.
+SECRET_OPTION_KEYS = frozenset({"key", "secret", "token", "password", "aws_access_key_id",
+                                "aws_secret_access_key", "aws_session_token"})
+
+
+def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path)`` for a URL or local path.
+
+    Storage options (endpoint, region, credentials) apply to remote protocols only; local paths and
+    ``memory://`` ignore them, so one option set serves a run whose source is S3 and root is local.
+    """
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    options = dict(storage_options or {}) if protocol not in ("file", "local", "memory") else {}
+    fs, path = url_to_fs(url, **options)
+    return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def object_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The full URI of an object: ``s3://bucket/key``, ``file:///abs/path``, ``memory:///path``."""
+    return fs.unstrip_protocol(path)
+
+
+def _status_code(err: BaseException) -> int | None:
+    response = getattr(err, "response", None)
+    if isinstance(response, Mapping):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status is not None:
+            return int(status)
+    return None
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether a storage error is worth retrying: throttling, 5xx, resets and time-outs; never 403/404.
+
+    Walks the exception chain, since fsspec and s3fs wrap botocore errors in ``OSError``.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+            return False
+        status = _status_code(current)
+        if status is not None:
+            return status == 429 or status >= 500
+        if isinstance(current, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(current, OSError) and current.errno in (errno.EIO, errno.ECONNRESET, errno.ETIMEDOUT,
+                                                             errno.EAGAIN, errno.EBUSY):
+            return True
+        name = type(current).__name__
+        if name in ("ClientOSError", "ServerDisconnectedError", "ServerTimeoutError", "EndpointConnectionError",
+                    "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError", "ResponseStreamingError"):
+            return True
+        text = str(current)
+        if any(word in text for word in ("SlowDown", "Throttl", "RequestTimeout", "InternalError",
+                                         "ServiceUnavailable", "503", "500 ")):
+            return True
+        current = current.__cause__ or current.__context__
+    return False

@@ -1,0 +1,167 @@
+"""Stage 3, inspect: checksum, full decode, geometry and perceptual hash of each new or changed object.
+
+``inspect_bytes`` is pure (bytes in, a result or a reject out). ``inspect_objects`` reads each object once
+and applies it; the flow runs it over chunks in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import fsspec
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from loader import manifest as m
+from tasks.policy import stage
+
+# Pillow format name -> manifest format.
+_FORMATS = {"BMP": "bmp", "DIB": "bmp", "PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "GIF": "gif",
+            "TIFF": "tiff", "WEBP": "webp"}
+_CHANNELS = {"1": 1, "L": 1, "I": 1, "F": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "I;16N": 1, "LA": 2, "La": 2,
+             "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "CMYK": 3, "RGBA": 4, "RGBa": 4, "PA": 4}
+_PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
+DEFAULT_MAX_PIXELS = 100_000_000
+INSPECT_COLUMNS = (m.MD5, m.FORMAT, m.WIDTH, m.HEIGHT, m.CHANNELS, m.PHASH)
+
+
+@dataclass(frozen=True)
+class Inspected:
+    """What inspection learned about one accepted object."""
+
+    md5: str
+    format: str
+    width: int
+    height: int
+    channels: int
+    phash: int
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """Why one object was not accepted: a reason code from ``manifest.REJECT_REASONS`` and a detail."""
+
+    reason: str
+    detail: str
+
+
+def _dct_matrix(n: int) -> np.ndarray:
+    k = np.arange(n)[:, None]
+    x = np.arange(n)[None, :]
+    return np.cos(np.pi * k * (2 * x + 1) / (2 * n))
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def phash(image: Image.Image) -> int:
+    """64-bit DCT perceptual hash, bit-compatible with ``imagehash.phash`` (hash_size 8, highfreq 4).
+
+    The image is reduced to 32x32 grey (Lanczos), transformed with a 2-D DCT-II, and the 8x8 lowest
+    frequencies are compared with their median; bit 63 is the top-left coefficient.
+    """
+    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = (_DCT32 @ grey @ _DCT32.T)[:8, :8]
+    bits = (low > np.median(low)).reshape(-1)
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def _channels(image: Image.Image) -> int:
+    if image.mode == "P":
+        return 4 if "transparency" in image.info else 3
+    return _CHANNELS.get(image.mode, len(image.getbands()))
+
+
+def inspect_bytes(data: bytes, etag: str = "", max_pixels: int = DEFAULT_MAX_PIXELS) -> Inspected | Rejected:
+    """Checksum and fully decode one object's bytes.
+
+    Args:
+        data: the object's content.
+        etag: the etag as listed; when it is a plain MD5 it must match the content.
+        max_pixels: images with more pixels are rejected as ``too_large`` before they are decoded.
+    """
+    if not data:
+        return Rejected("empty", "zero bytes")
+    md5 = hashlib.md5(data).hexdigest()
+    if _PLAIN_MD5.match(etag) and etag != md5:
+        return Rejected("checksum_mismatch", f"etag {etag} but content md5 {md5}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            fmt = _FORMATS.get(image.format or "")
+            if fmt is None:
+                return Rejected("unsupported_format", f"{image.format} is not one of {', '.join(m.FORMATS)}")
+            width, height = image.size
+            if width * height > max_pixels:
+                return Rejected("too_large", f"{width}x{height} = {width * height:,} pixels > limit {max_pixels:,}")
+            if width <= 0 or height <= 0:
+                return Rejected("unreadable", f"header claims {width}x{height} pixels")
+            image.load()
+            channels = _channels(image)
+            hashed = phash(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return Rejected("too_large", str(err))
+    except UnidentifiedImageError:
+        return Rejected("unreadable", "not an image Pillow recognises")
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
+        text = str(err) or type(err).__name__
+        reason = "truncated" if "truncat" in text.lower() or isinstance(err, EOFError) or "broken data stream" in text.lower() else "unreadable"
+        return Rejected(reason, text[:200])
+    return Inspected(md5=md5, format=fmt, width=width, height=height, channels=channels, phash=hashed)
+
+
+def inspect_objects(
+    objects: pd.DataFrame,
+    read: Callable[[str], bytes],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Inspect listed objects, reading each once through ``read(path)``.
+
+    Args:
+        objects: listing rows (path, key, folder, category, size, etag, mtime).
+        read: returns an object's bytes; raises FileNotFoundError when it vanished. Other errors propagate
+            (the task retries transient ones).
+
+    Returns:
+        ``(accepted, rejects)``: the listing rows extended with md5, format, width, height, channels,
+        phash; and the rejects rows (path, key, size, etag, reason, detail).
+    """
+    accepted: list[tuple] = []
+    accepted_index: list[int] = []
+    rejects: list[tuple] = []
+    for index, path, key, size, etag in zip(objects.index, objects[m.PATH], objects[m.KEY], objects[m.SIZE],
+                                            objects[m.ETAG]):
+        try:
+            data = read(path)
+        except FileNotFoundError:
+            rejects.append((path, key, size, etag, "changed_during_run", "deleted after it was listed"))
+            continue
+        if len(data) != size:
+            rejects.append((path, key, size, etag, "changed_during_run",
+                            f"listed with {size} bytes, read {len(data)}"))
+            continue
+        result = inspect_bytes(data, etag, max_pixels)
+        if isinstance(result, Rejected):
+            rejects.append((path, key, size, etag, result.reason, result.detail))
+        else:
+            accepted_index.append(index)
+            accepted.append((result.md5, result.format, result.width, result.height, result.channels, result.phash))
+    found = pd.DataFrame(accepted, columns=list(INSPECT_COLUMNS), index=accepted_index)
+    found = found.astype({m.WIDTH: "int32", m.HEIGHT: "int32", m.CHANNELS: "int32", m.PHASH: "uint64"})
+    accepted_frame = objects.loc[accepted_index].join(found)
+    rejects_frame = pd.DataFrame(rejects, columns=list(m.REJECT_COLUMNS))
+    rejects_frame[m.SIZE] = rejects_frame[m.SIZE].astype("int64")
+    return accepted_frame.reset_index(drop=True), rejects_frame
+
+
+@stage("inspect")
+def inspect_task(fs: fsspec.AbstractFileSystem, objects: pd.DataFrame, max_pixels: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Inspect one chunk of objects (Prefect task: retries transient storage errors)."""
+    return inspect_objects(objects, lambda uri: fs.cat_file(fs._strip_protocol(uri)), max_pixels)

@@ -1,0 +1,257 @@
+"""Stage 5, split: assign ``purpose`` per stratum, keeping items and duplicates whole and earlier choices fixed.
+
+Units of assignment are the connected components of uniqueness groups (rows with equal ``unique_id``) and
+duplicate groups. A unit that already holds assigned rows is *locked*: its new rows inherit that purpose.
+Free units are ordered by a seeded hash of their content and poured into each stratum's remaining need,
+purpose by purpose; a unit goes where its midpoint falls, so every stratum lands within one unit of its
+target. The few units that span strata are placed first, one by one, where they help their strata most.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger
+
+from loader import manifest as m
+from strata.errors import ConfigError
+from tasks.duplicates import connected_components
+from tasks.policy import stage
+
+DEFAULT_FRACTIONS = {"train": 0.8, "devel": 0.2}
+
+
+def parse_fractions(text: str) -> dict[str, float]:
+    """Parse ``train=0.8,devel=0.2[,test=0.1]`` into fractions that sum to 1."""
+    fractions: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        try:
+            fractions[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or name not in m.PURPOSES:
+            raise ConfigError(f"--split part {part!r} is not PURPOSE=FRACTION with PURPOSE in {', '.join(m.PURPOSES)}")
+    check_fractions(fractions)
+    return fractions
+
+
+def check_fractions(fractions: Mapping[str, float]) -> None:
+    """Raise ConfigError unless the fractions name known purposes, lie in [0, 1] and sum to 1."""
+    unknown = set(fractions) - set(m.PURPOSES)
+    if unknown:
+        raise ConfigError(f"unknown purposes {sorted(unknown)} in split fractions; use {', '.join(m.PURPOSES)}")
+    if any(not 0.0 <= f <= 1.0 for f in fractions.values()):
+        raise ConfigError(f"split fractions must lie between 0 and 1, got {dict(fractions)}")
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
+        raise ConfigError(f"split fractions must sum to 1, got {dict(fractions)} (sum {sum(fractions.values()):g})")
+
+
+def unique_ids(samples: pd.DataFrame, uniqueness: str | None) -> tuple[pd.Series, int]:
+    """The uniqueness key of every row, and how many rows fell back to their md5.
+
+    Args:
+        samples: rows with key, md5 and any column the uniqueness spec names.
+        uniqueness: None or ``md5`` (each distinct content is its own item); comma-separated column names
+            (``folder,category``: values joined with ``/``); or a regular expression searched in the key
+            whose first capture group is the item id (``(\\d+)_\\d+\\.bmp$``). Keys it does not match fall
+            back to their md5.
+    """
+    if not uniqueness or uniqueness == m.MD5:
+        return samples[m.MD5].astype(object), 0
+    names = [p.strip() for p in uniqueness.split(",")]
+    if all(name in samples.columns for name in names):
+        joined = samples[names[0]].astype(str)
+        for name in names[1:]:
+            joined = joined + "/" + samples[name].astype(str)
+        return joined.astype(object), 0
+    try:
+        pattern = re.compile(uniqueness)
+    except re.error as err:
+        raise ConfigError(
+            f"--uniqueness {uniqueness!r} is neither column names ({', '.join(samples.columns)}) "
+            f"nor a valid regular expression: {err}"
+        ) from err
+    if pattern.groups < 1:
+        raise ConfigError(f"--uniqueness regex {uniqueness!r} needs a capture group for the item id, e.g. '(\\d+)_'")
+    found = samples[m.KEY].astype("str").str.extract(pattern, expand=True)[0]
+    missing = found.isna()
+    return found.where(~missing, samples[m.MD5]).astype(object), int(missing.sum())
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """The assigned rows, and rows held out because they would join two purposes."""
+
+    samples: pd.DataFrame  # input rows (less held_out) with purpose set
+    held_out: pd.DataFrame  # new rows whose unit already holds two purposes
+    units: int  # number of units of assignment
+
+
+def _mix(values: np.ndarray, seed: int) -> np.ndarray:
+    """splitmix64 of ``values ^ seed``: a seeded, platform-independent order key."""
+    with np.errstate(over="ignore"):
+        z = values.astype(np.uint64) ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+_HEX = np.zeros(256, dtype=np.uint64)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint64)
+_NIBBLE_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
+
+
+def _hex_prefix(hexes: pd.Series) -> np.ndarray:
+    """The first 16 hex digits of each (lowercase hex) string as uint64, vectorized."""
+    raw = np.frombuffer(hexes.to_numpy(dtype="S16").tobytes(), dtype=np.uint8).reshape(-1, 16)
+    return (_HEX[raw] << _NIBBLE_SHIFTS).sum(axis=1, dtype=np.uint64)
+
+
+def _group_edges(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Edges joining each row to the first row with the same code (codes < 0 are ungrouped)."""
+    n = len(codes)
+    valid = codes >= 0
+    first = np.full(codes.max() + 1 if n and valid.any() else 0, n, dtype=np.int64)
+    rows = np.arange(n)
+    np.minimum.at(first, codes[valid], rows[valid])
+    left = rows[valid]
+    right = first[codes[valid]]
+    keep = left != right
+    return left[keep], right[keep]
+
+
+def _pour(size: np.ndarray, stratum: np.ndarray, order_key: np.ndarray, share: np.ndarray, n_strata: int) -> np.ndarray:
+    """Purpose index per unit: each stratum's units, in key order, fill consecutive purpose intervals.
+
+    ``share[s, p]`` is the fraction of stratum s's poured rows that purpose p should get. A unit goes to the
+    interval holding its midpoint, so each purpose lands within half a unit of its share at either end.
+    """
+    order = np.lexsort((order_key, stratum))
+    size_sorted, stratum_sorted = size[order], stratum[order]
+    total = np.bincount(stratum_sorted, weights=size_sorted, minlength=n_strata)
+    bounds = np.cumsum(share * total[:, None], axis=1)[:, :-1]
+    start = np.cumsum(total) - total
+    midpoint = np.cumsum(size_sorted) - size_sorted / 2 - start[stratum_sorted]
+    result = np.empty(len(size), dtype=np.int64)
+    result[order] = (midpoint[:, None] >= bounds[stratum_sorted]).sum(axis=1)
+    return result
+
+
+def assign_purposes(
+    samples: pd.DataFrame,
+    fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
+    seed: int = 0,
+    stratify: Sequence[str] = (m.CATEGORY,),
+) -> SplitResult:
+    """Assign a purpose to every row without one.
+
+    Args:
+        samples: rows with md5, unique_id, duplicate_group, the stratify columns, and purpose (set for rows
+            carried over from the parent version, null for new ones).
+        fractions: target fraction per purpose, summing to 1.
+        seed: decides the order in which free units are placed.
+        stratify: columns whose value combinations are the strata; empty for one global stratum.
+
+    Returns:
+        A SplitResult; rows keep their input order.
+    """
+    check_fractions(fractions)
+    purposes = [p for p in m.PURPOSES if fractions.get(p, 0.0) > 0] or ["train"]
+    frame = samples.reset_index(drop=True)
+    n = len(frame)
+    if n == 0:
+        out = frame.copy()
+        out[m.PURPOSE] = pd.Series([], dtype=object)
+        return SplitResult(out, frame.iloc[0:0], 0)
+
+    # Units: connected components of uniqueness groups and duplicate groups.
+    uid_codes = pd.factorize(frame[m.UNIQUE_ID])[0]
+    dup_codes = pd.factorize(frame[m.DUPLICATE_GROUP])[0]
+    l1, r1 = _group_edges(uid_codes)
+    l2, r2 = _group_edges(dup_codes)
+    unit = connected_components(n, np.concatenate([l1, l2]), np.concatenate([r1, r2]))
+
+    # Locked units: the purposes their carried-over rows already hold.
+    old = frame[m.PURPOSE].astype(object) if m.PURPOSE in frame else pd.Series([None] * n, dtype=object)
+    locked_rows = old.notna().to_numpy()
+    locked = pd.DataFrame({"unit": unit[locked_rows], "purpose": old[locked_rows].to_numpy()})
+    per_unit = locked.drop_duplicates().groupby("unit")["purpose"]
+    counts = per_unit.size()
+    conflict_units = counts.index[counts.to_numpy() > 1]
+    held = np.isin(unit, conflict_units) & ~locked_rows
+    inherited = per_unit.first()
+    purpose = old.copy()
+    purpose[~locked_rows] = pd.Series(unit[~locked_rows], index=purpose.index[~locked_rows]).map(inherited)
+
+    # Strata and need.
+    if stratify:
+        stratum = frame.groupby(list(stratify), sort=True, dropna=False).ngroup().to_numpy()
+    else:
+        stratum = np.zeros(n, dtype=np.int64)
+    n_strata = int(stratum.max()) + 1
+    p_index = {p: i for i, p in enumerate(purposes)}
+    target_frac = np.array([fractions.get(p, 0.0) for p in purposes])
+    active = ~held
+    totals = np.bincount(stratum[active], minlength=n_strata).astype(np.float64)
+    target = totals[:, None] * target_frac[None, :]
+    current = np.zeros((n_strata, len(purposes)))
+    placed = purpose.notna().to_numpy() & active
+    placed_codes = purpose[placed].map(p_index)
+    if placed_codes.isna().any():
+        # A carried-over purpose no longer in the fractions (e.g. test dropped): it stays, but is not a target.
+        placed = placed & purpose.map(p_index).notna().to_numpy()
+        placed_codes = purpose[placed].map(p_index)
+    np.add.at(current, (stratum[placed], placed_codes.to_numpy(np.int64)), 1)
+
+    # Free units, in seeded order of their smallest md5; each poured in its main stratum (most rows).
+    free_idx = np.flatnonzero(active & purpose.isna().to_numpy())
+    free_units, free_inverse = np.unique(unit[free_idx], return_inverse=True)
+    unit_key = np.full(len(free_units), np.iinfo(np.uint64).max, dtype=np.uint64)
+    np.minimum.at(unit_key, free_inverse, _hex_prefix(frame[m.MD5].iloc[free_idx]))
+    order_key = _mix(unit_key, seed)
+    cells = pd.DataFrame({"u": free_inverse, "s": stratum[free_idx]}).value_counts(sort=False).reset_index()
+    cells = cells.sort_values(["u", "count", "s"], ascending=[True, False, True], kind="stable")
+    main = cells.drop_duplicates("u")
+    unit_stratum = main["s"].to_numpy()[np.argsort(main["u"].to_numpy())]
+    unit_size = np.bincount(free_inverse, minlength=len(free_units)).astype(np.float64)
+    spanning = np.bincount(cells["u"].to_numpy(), minlength=len(free_units)) > 1
+    unit_purpose = np.full(len(free_units), -1, dtype=np.int64)
+
+    # Units spanning strata first, at the target fractions; then their rows count in every stratum they touch.
+    if spanning.any():
+        chosen = np.flatnonzero(spanning)
+        share = np.broadcast_to(target_frac, target.shape)
+        unit_purpose[chosen] = _pour(unit_size[chosen], unit_stratum[chosen], order_key[chosen], share, n_strata)
+        rows = np.isin(free_inverse, chosen)
+        np.add.at(current, (stratum[free_idx][rows], unit_purpose[free_inverse[rows]]), 1)
+    # Single-stratum units into what each stratum still needs.
+    if (~spanning).any():
+        chosen = np.flatnonzero(~spanning)
+        need = np.clip(target - current, 0, None)
+        need_sum = need.sum(axis=1, keepdims=True)
+        share = np.where(need_sum > 0, need / np.where(need_sum > 0, need_sum, 1), target_frac[None, :])
+        unit_purpose[chosen] = _pour(unit_size[chosen], unit_stratum[chosen], order_key[chosen], share, n_strata)
+
+    names = np.array(purposes, dtype=object)
+    purpose = purpose.to_numpy(dtype=object, copy=True)
+    purpose[free_idx] = names[unit_purpose[free_inverse]]
+    out = frame.copy()
+    out[m.PURPOSE] = purpose
+    return SplitResult(samples=out[~held].reset_index(drop=True), held_out=frame[held].reset_index(drop=True),
+                       units=int(len(np.unique(unit))))
+
+
+@stage("split", storage=False)
+def split_task(samples: pd.DataFrame, fractions: Mapping[str, float], seed: int, stratify: Sequence[str]) -> SplitResult:
+    """Assign purposes (Prefect task)."""
+    result = assign_purposes(samples, fractions, seed, stratify)
+    get_run_logger().info("split: %d rows in %d units; %d held out for joining two purposes",
+                          len(result.samples), result.units, len(result.held_out))
+    return result
