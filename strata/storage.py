@@ -23,9 +23,13 @@ def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
 
     Storage options (endpoint, region, credentials) apply to remote protocols only; local paths and
     ``memory://`` ignore them, so one option set serves a run whose source is S3 and root is local.
+    Remote listings are never cached: every run must see the bucket as it is now.
     """
     protocol = url.split("://", 1)[0] if "://" in url else "file"
-    options = dict(storage_options or {}) if protocol not in ("file", "local", "memory") else {}
+    options: dict[str, Any] = {}
+    if protocol not in ("file", "local", "memory"):
+        # A cached listing would hide objects added since the last run in a long-lived process.
+        options = {"use_listings_cache": False, **(storage_options or {})}
     fs, path = url_to_fs(url, **options)
     return fs, path.rstrip("/") if path not in ("/", "") else path
 

@@ -1,0 +1,97 @@
+"""Shared fixtures: one Prefect test harness per session, a moto S3 server over HTTP, real image bytes."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+VIAL = FIXTURES / "vial_0_1543413266626.bmp"
+PIL_FORMATS = {"bmp": "BMP", "png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "gif": "GIF", "tif": "TIFF",
+               "tiff": "TIFF", "webp": "WEBP"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_harness() -> Iterator[None]:
+    """The real Prefect engine on a temporary database, started once (about 8 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def picture(seed: int, size: tuple[int, int] = (96, 80), mode: str = "RGB") -> Image.Image:
+    """A smooth random picture: distinct perceptual hash per seed, stable under re-encoding."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    image = Image.fromarray(small, "RGB").resize(size, Image.Resampling.BICUBIC)
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def encode(image: Image.Image, ext: str, **options: object) -> bytes:
+    """Encode an image in the format its extension names."""
+    buffer = io.BytesIO()
+    fmt = PIL_FORMATS[ext.lower()]
+    if fmt == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
+        image = image.convert("RGB")
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def write_image(tmp_path: Path) -> Callable[..., Path]:
+    """Write a picture under ``tmp_path/src``: ``write_image("good/1_1.png", seed=1)``."""
+
+    def write(key: str, seed: int = 0, data: bytes | None = None, **options: object) -> Path:
+        path = tmp_path / "src" / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if data is None:
+            data = encode(picture(seed), path.suffix.lstrip("."), **options)
+        path.write_bytes(data)
+        return path
+
+    return write
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A moto S3 server on loopback, spoken to over HTTP (no in-process patching)."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """An s3fs filesystem on a fresh moto state with bucket ``strata-test``, via the AWS environment."""
+    import requests
+    import s3fs
+
+    requests.post(f"{moto_server}/moto-api/reset", timeout=10)
+    for name, value in {"AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    fs.mkdir("strata-test")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
