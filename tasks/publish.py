@@ -1,13 +1,13 @@
 """Stage 7, publish: write one immutable version by the commit protocol of DESIGN section 2.
 
-1. Claim the next version directory by exclusive create of ``_claim.json``: only the claimant writes there.
+1. Claim version parent+1 by exclusive create of its ``_claim.json``: only the claimant writes there.
 2. Write ``manifest.parquet``, ``rejects.parquet`` and ``validation.json`` into it.
 3. Check that no version above the parent was committed meanwhile, then exclusive-create ``manifest.json``:
    the commit. Until it exists, readers ignore the directory.
 4. Update the ``LATEST`` hint.
 
 A run that loses any of these races raises ``CommitConflict`` and re-plans on top of the winner. A crashed
-run leaves an uncommitted directory that readers ignore and later runs step over.
+run leaves an uncommitted directory that readers ignore and later runs step over once its claim is stale.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from prefect import get_run_logger
 from loader import manifest as m
 from strata.errors import CommitConflict
 from tasks.policy import stage
+
+
+STALE_AFTER_S = 6 * 3600  # an uncommitted claim older than this is a crashed run's debris
 
 
 @dataclass(frozen=True)
@@ -110,27 +113,46 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         handle.write(data)
 
 
-def claim_version(store: Store, parent_version: int | None, run_id: str) -> int:
-    """Claim the next free version directory above the parent and every older claim.
+def _claim_age(store: Store, version: int) -> tuple[float, str]:
+    """Seconds since a version directory was claimed, and by which run (infinite age when unreadable)."""
+    try:
+        claim = json.loads(store.fs.cat_file(f"{store.version_path(version)}/{m.CLAIM_FILE}"))
+        claimed = datetime.fromisoformat(claim["claimed_at"])
+        return (datetime.now(timezone.utc) - claimed).total_seconds(), str(claim.get("run_id"))
+    except (FileNotFoundError, ValueError, KeyError):
+        return float("inf"), "unknown"
+
+
+def claim_version(store: Store, parent_version: int | None, run_id: str, stale_after_s: float = STALE_AFTER_S) -> int:
+    """Claim the version after the parent: exclusive create of its ``_claim.json``.
+
+    An uncommitted directory in the way is stepped over only when its claim is older than
+    ``stale_after_s`` (a crashed run's debris); a fresh one belongs to a run still writing.
 
     Raises:
-        CommitConflict: a version above the parent is already committed, or another run took the claim.
+        CommitConflict: a version above the parent is committed, or another run holds a fresh claim.
     """
-    numbers = m.version_numbers(store.fs, store.dataset_path)
     committed = m.latest_version(store.fs, store.dataset_path)
     if committed != parent_version:
         raise CommitConflict(
             f"{store.uri}: version {committed} was committed while this run planned on "
-            f"{parent_version if parent_version is not None else 'no version'}"
+            f"{'version %s' % parent_version if parent_version is not None else 'an empty dataset'}"
         )
-    version = max(numbers, default=0) + 1
+    existing = set(m.version_numbers(store.fs, store.dataset_path))
+    version = (parent_version or 0) + 1
+    while version in existing:
+        age, owner = _claim_age(store, version)
+        if age < stale_after_s:
+            raise CommitConflict(f"{store.uri}: version {version} is being written by run {owner} "
+                                 f"(claimed {age:.0f} s ago); re-run once it has committed")
+        version += 1
     claim = {"run_id": run_id, "parent_version": parent_version,
              "claimed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     store.fs.makedirs(store.version_path(version), exist_ok=True)
     try:
         _create(store.fs, f"{store.version_path(version)}/{m.CLAIM_FILE}", json.dumps(claim).encode())
     except FileExistsError as err:
-        raise CommitConflict(f"{store.uri}: version {version} was claimed by another run") from err
+        raise CommitConflict(f"{store.uri}: version {version} was claimed by another run just now") from err
     return version
 
 
