@@ -30,7 +30,7 @@ def _inspect(fs: Any, objects: pd.DataFrame, options: CurateOptions) -> tuple[pd
     logger = get_run_logger()
     if objects.empty:
         return objects.iloc[0:0], m.empty_frame(m.REJECTS_SCHEMA)
-    chunks = [objects.iloc[i:i + options.chunk_size] for i in range(0, len(objects), options.chunk_size)]
+    chunks = [objects.iloc[i : i + options.chunk_size] for i in range(0, len(objects), options.chunk_size)]
     futures = [inspect_task.submit(fs, chunk, options.max_pixels) for chunk in chunks]
     accepted, rejects, done = [], [], 0
     step = max(1, len(futures) // 10)
@@ -53,8 +53,9 @@ def _plan_candidate(
     samples = pd.concat([plan.carried, new], ignore_index=True).sort_values(m.KEY, ignore_index=True)
     samples[m.UNIQUE_ID], fallback = unique_ids(samples, options.uniqueness)
     if fallback and options.uniqueness:
-        get_run_logger().warning("uniqueness: %d keys do not match %r and count as their own item (md5)",
-                                 fallback, options.uniqueness)
+        get_run_logger().warning(
+            "uniqueness: %d keys do not match %r and count as their own item (md5)", fallback, options.uniqueness
+        )
     rejects = pd.concat([plan.carried_rejects, inspect_rejects.merge(plan.to_inspect[[m.KEY, m.SIZE, m.ETAG]])])
     held_out = []
     for _ in range(3):  # rows that would join two purposes are held out, then the groups are recomputed
@@ -66,15 +67,27 @@ def _plan_candidate(
         samples = samples[~samples[m.KEY].isin(result.held_out[m.KEY])].reset_index(drop=True)
     if held_out:
         conflicts = pd.concat(held_out, ignore_index=True)
-        rejects = pd.concat([rejects, conflicts.assign(**{
-            m.REASON: "purpose_conflict",
-            m.DETAIL: "joins items or duplicates already assigned to different purposes; review and remove one",
-        })[list(m.REJECT_COLUMNS)]])
+        rejects = pd.concat(
+            [
+                rejects,
+                conflicts.assign(
+                    **{
+                        m.REASON: "purpose_conflict",
+                        m.DETAIL: "joins items or duplicates already in different purposes; review and remove one",
+                    }
+                )[list(m.REJECT_COLUMNS)],
+            ]
+        )
     manifest = result.samples
     changes = manifest_diff(parent.manifest, manifest)
     diff = {name: int((changes["change"] == name).sum()) for name in ("added", "removed", "changed")}
-    diff["purpose_changed"] = int((changes["purpose_before"].notna() & changes["purpose_after"].notna()
-                                   & (changes["purpose_before"] != changes["purpose_after"])).sum())
+    diff["purpose_changed"] = int(
+        (
+            changes["purpose_before"].notna()
+            & changes["purpose_after"].notna()
+            & (changes["purpose_before"] != changes["purpose_after"])
+        ).sum()
+    )
     return Candidate(
         manifest=manifest.sort_values(m.KEY, ignore_index=True),
         rejects=rejects.sort_values(m.KEY, ignore_index=True)[list(m.REJECT_COLUMNS)],
@@ -127,10 +140,10 @@ def curate_dataset(
         validation = validate_task(candidate, parent, options)
         if not validation["success"]:
             report_task(store, parent, None, candidate, listing, parameters=recorded, validation=validation)
-            raise ValidationFailed(f"{store.uri}: the candidate manifest failed validation; nothing was "
-                                   f"published. {validation['summary']}")
-        fields = {"dataset": dataset, "source": source_uri, "parameters": recorded,
-                  "flow_run_id": flow_run.id}
+            raise ValidationFailed(
+                f"{store.uri}: the candidate manifest failed validation; nothing was published. {validation['summary']}"
+            )
+        fields = {"dataset": dataset, "source": source_uri, "parameters": recorded, "flow_run_id": flow_run.id}
         try:
             version, uri = publish_task(store, candidate, parent.version, validation, fields, str(flow_run.id))
         except CommitConflict as err:
@@ -138,8 +151,9 @@ def curate_dataset(
                 raise CommitConflict(f"{err}; gave up after {attempt} attempts: re-run the flow") from err
             logger.warning("publish: %s; re-planning on the new version (attempt %d)", err, attempt + 1)
             continue
-        return report_task(store, parent, (version, uri), candidate, listing, parameters=recorded,
-                           validation=validation)
+        return report_task(
+            store, parent, (version, uri), candidate, listing, parameters=recorded, validation=validation
+        )
 
 
 def _same_content(candidate: Candidate, parent: Parent) -> bool:
@@ -147,9 +161,20 @@ def _same_content(candidate: Candidate, parent: Parent) -> bool:
     if candidate.manifest[m.FIRST_VERSION].isna().any():
         return False
     cols = list(m.COLUMNS)
-    same_rows = candidate.manifest[cols].reset_index(drop=True).equals(
-        parent.manifest[cols].sort_values(m.KEY, ignore_index=True).astype(candidate.manifest[cols].dtypes.to_dict()))
+    same_rows = (
+        candidate.manifest[cols]
+        .reset_index(drop=True)
+        .equals(
+            parent.manifest[cols]
+            .sort_values(m.KEY, ignore_index=True)
+            .astype(candidate.manifest[cols].dtypes.to_dict())
+        )
+    )
     rejects = list(m.REJECT_COLUMNS)
-    same_rejects = candidate.rejects[rejects].reset_index(drop=True).astype(str).equals(
-        parent.rejects[rejects].sort_values(m.KEY, ignore_index=True).astype(str))
+    same_rejects = (
+        candidate.rejects[rejects]
+        .reset_index(drop=True)
+        .astype(str)
+        .equals(parent.rejects[rejects].sort_values(m.KEY, ignore_index=True).astype(str))
+    )
     return bool(same_rows and same_rejects)

@@ -232,7 +232,11 @@ def open_version(
             raise ManifestError(f"version must be 'latest' or an integer, got {version!r}") from err
         if not fs.exists(f"{dataset_path}/{version_dir(number)}/{COMMIT_FILE}"):
             known = committed_versions(fs, dataset_path)
-            state = "exists but is not committed (no manifest.json)" if number in version_numbers(fs, dataset_path) else "does not exist"
+            state = (
+                "exists but is not committed (no manifest.json)"
+                if number in version_numbers(fs, dataset_path)
+                else "does not exist"
+            )
             raise ManifestError(f"version {number} of {dataset_uri} {state}; committed versions: {known or 'none'}")
     path = f"{dataset_path}/{version_dir(number)}/{COMMIT_FILE}"
     try:

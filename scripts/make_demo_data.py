@@ -24,9 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT.parent / "shared" / "fixtures" / "vial_0_1543413266626.bmp"
 OUT = ROOT / "strata" / "demo_data" / "vials"
 CLASSES = {"good": 12, "bad_cap": 6, "missing_cap": 4}  # items per class: imbalanced
-TURNS = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
-         Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-         Image.Transpose.TRANSVERSE]
+TURNS = [
+    None,
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.TRANSVERSE,
+]
 
 
 def view(base: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -59,7 +66,9 @@ def second_photo(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 def encode(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format={"jpg": "JPEG", "png": "PNG", "bmp": "BMP"}[fmt], **({"quality": 85} if fmt == "jpg" else {}))
+    image.save(
+        buffer, format={"jpg": "JPEG", "png": "PNG", "bmp": "BMP"}[fmt], **({"quality": 85} if fmt == "jpg" else {})
+    )
     return buffer.getvalue()
 
 

@@ -10,7 +10,7 @@ from importlib import resources
 from typing import Any, Sequence
 
 from strata.config import DEFAULT_MANIFEST_ROOT, STRATIFY_COLUMNS
-from strata.errors import StrataError
+from strata.errors import ConfigError, StrataError
 
 DEMO_UNIQUENESS = r"(\d+)_\d+\.\w+$"
 
@@ -26,34 +26,73 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _add_curate_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--split", default="train=0.8,devel=0.2",
-                        help="target fraction per purpose, summing to 1 (default: %(default)s; test is optional)")
+    parser.add_argument(
+        "--split",
+        default="train=0.8,devel=0.2",
+        help="target fraction per purpose, summing to 1 (default: %(default)s; test is optional)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
-    parser.add_argument("--stratify", default="category",
-                        help=f"comma-separated columns whose combinations are the strata, from "
-                             f"{', '.join(STRATIFY_COLUMNS)}; 'none' for one stratum (default: %(default)s)")
-    parser.add_argument("--uniqueness", default=None,
-                        help="what makes an item: a regex on the key whose first group is the item id "
-                             r"(e.g. '(\d+)_\d+\.bmp$'), comma-separated column names, or md5 (default: md5)")
-    parser.add_argument("--near-duplicates", type=int, default=4, metavar="BITS",
-                        help="phash Hamming distance that counts as a near duplicate; -1 turns it off "
-                             "(default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=100_000_000,
-                        help="images with more pixels are rejected as too_large (default: %(default)s)")
-    parser.add_argument("--storage-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                        help="fsspec option for S3 and other remote URLs, e.g. endpoint_url=http://host:9000 "
-                             "(repeatable). Credentials come from the AWS environment, never from here")
+    parser.add_argument(
+        "--stratify",
+        default="category",
+        help=f"comma-separated columns whose combinations are the strata, from "
+        f"{', '.join(STRATIFY_COLUMNS)}; 'none' for one stratum (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--uniqueness",
+        default=None,
+        help="what makes an item: a regex on the key whose first group is the item id "
+        r"(e.g. '(\d+)_\d+\.bmp$'), comma-separated column names, or md5 (default: md5)",
+    )
+    parser.add_argument(
+        "--near-duplicates",
+        type=int,
+        default=4,
+        metavar="BITS",
+        help="phash Hamming distance that counts as a near duplicate; -1 turns it off (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=100_000_000,
+        help="images with more pixels are rejected as too_large (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--storage-option",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for S3 and other remote URLs, e.g. endpoint_url=http://host:9000 "
+        "(repeatable). Credentials come from the AWS environment, never from here",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the result, no progress logs")
 
 
 def _options(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
     from strata.config import CurateOptions
     from tasks.split import parse_fractions
 
-    stratify = [] if args.stratify.strip().lower() == "none" else [c.strip() for c in args.stratify.split(",") if c.strip()]
-    return CurateOptions(split=parse_fractions(args.split), seed=args.seed, stratify=stratify,
-                         uniqueness=args.uniqueness, near_duplicates=args.near_duplicates,
-                         max_pixels=args.max_pixels, storage_options=dict(args.storage_option))
+    stratify = (
+        [] if args.stratify.strip().lower() == "none" else [c.strip() for c in args.stratify.split(",") if c.strip()]
+    )
+    try:
+        return CurateOptions(
+            split=parse_fractions(args.split),
+            seed=args.seed,
+            stratify=stratify,
+            uniqueness=args.uniqueness,
+            near_duplicates=args.near_duplicates,
+            max_pixels=args.max_pixels,
+            storage_options=dict(args.storage_option),
+        )
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
+        )
+        raise ConfigError(f"invalid options: {problems}") from err
 
 
 def _print_counts(counts: dict[str, dict[str, int]]) -> None:
@@ -100,8 +139,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     from loader.manifest import open_version
 
-    version = open_version(args.dataset, args.version if args.version is not None else "latest",
-                           dict(args.storage_option))
+    version = open_version(
+        args.dataset, args.version if args.version is not None else "latest", dict(args.storage_option)
+    )
     info = version.info
     print(f"{info['dataset']} version {info['version']} (parent {info['parent_version']}), {info['created_at']}")
     print(f"  uri:        {version.uri}")
@@ -122,36 +162,60 @@ def build_parser() -> argparse.ArgumentParser:
         prog="strata",
         description="Turn class-foldered images into versioned, validated training manifests.",
         epilog="Runs use Prefect's ephemeral API unless PREFECT_API_URL points at a server. "
-               "S3 credentials and endpoint come from the AWS environment (AWS_ENDPOINT_URL, ...).",
+        "S3 credentials and endpoint come from the AWS environment (AWS_ENDPOINT_URL, ...).",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    curate = commands.add_parser("curate", help="curate a folder or bucket into a new manifest version",
-                                 description="List SOURCE (one folder per class), inspect new and changed images, "
-                                             "group duplicates, split train/devel keeping earlier assignments, "
-                                             "validate, and publish ROOT/NAME/vNNNNNN.")
-    curate.add_argument("source", metavar="SOURCE", help="folder or URL with one sub-folder per class (s3://bucket/prefix)")
+    curate = commands.add_parser(
+        "curate",
+        help="curate a folder or bucket into a new manifest version",
+        description="List SOURCE (one folder per class), inspect new and changed images, "
+        "group duplicates, split train/devel keeping earlier assignments, "
+        "validate, and publish ROOT/NAME/vNNNNNN.",
+    )
+    curate.add_argument(
+        "source", metavar="SOURCE", help="folder or URL with one sub-folder per class (s3://bucket/prefix)"
+    )
     curate.add_argument("--dataset", required=True, metavar="NAME", help="dataset name under the manifest root")
-    curate.add_argument("--manifests", default=DEFAULT_MANIFEST_ROOT, metavar="ROOT",
-                        help="manifest root, a folder or URL (default: ./%(default)s)")
+    curate.add_argument(
+        "--manifests",
+        default=DEFAULT_MANIFEST_ROOT,
+        metavar="ROOT",
+        help="manifest root, a folder or URL (default: ./%(default)s)",
+    )
     _add_curate_options(curate)
     curate.set_defaults(handler=cmd_curate)
 
-    demo = commands.add_parser("demo", help="curate the bundled demo vial images into ./manifests/vials",
-                               description="Curate the bundled demo dataset (three imbalanced classes, repeated "
-                                           "photos per item, duplicates, a corrupt file) with item ids from the "
-                                           "file names.")
-    demo.add_argument("--manifests", default=DEFAULT_MANIFEST_ROOT, metavar="ROOT",
-                      help="manifest root (default: ./%(default)s)")
+    demo = commands.add_parser(
+        "demo",
+        help="curate the bundled demo vial images into ./manifests/vials",
+        description="Curate the bundled demo dataset (three imbalanced classes, repeated "
+        "photos per item, duplicates, a corrupt file) with item ids from the "
+        "file names.",
+    )
+    demo.add_argument(
+        "--manifests", default=DEFAULT_MANIFEST_ROOT, metavar="ROOT", help="manifest root (default: ./%(default)s)"
+    )
     _add_curate_options(demo)
     demo.set_defaults(handler=cmd_demo)
 
-    show = commands.add_parser("show", help="print a version's counts, parameters and validation outcome",
-                               description="Print one committed version of a dataset (the latest by default).")
-    show.add_argument("dataset", metavar="ROOT/NAME", help="dataset URI, e.g. manifests/vials or s3://bucket/manifests/vials")
+    show = commands.add_parser(
+        "show",
+        help="print a version's counts, parameters and validation outcome",
+        description="Print one committed version of a dataset (the latest by default).",
+    )
+    show.add_argument(
+        "dataset", metavar="ROOT/NAME", help="dataset URI, e.g. manifests/vials or s3://bucket/manifests/vials"
+    )
     show.add_argument("--version", type=int, default=None, help="version number (default: latest committed)")
-    show.add_argument("--storage-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE",
-                      help="fsspec option for remote URLs (repeatable)")
+    show.add_argument(
+        "--storage-option",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for remote URLs (repeatable)",
+    )
     show.set_defaults(handler=cmd_show)
     return parser
 
@@ -161,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # The ephemeral API server would otherwise try to phone home, which fails noisily offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # A first run on a fresh machine migrates the ephemeral API's database; 20 s is too tight on 2 cores.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     try:
         return int(args.handler(args) or 0)
     except StrataError as err:

@@ -18,17 +18,22 @@ class CurateOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    split: dict[str, float] = Field(default_factory=lambda: {"train": 0.8, "devel": 0.2},
-                                    description="target fraction per purpose (train, devel, test), summing to 1")
+    split: dict[str, float] = Field(
+        default_factory=lambda: {"train": 0.8, "devel": 0.2},
+        description="target fraction per purpose (train, devel, test), summing to 1",
+    )
     seed: int = Field(0, description="seed of the split: same inputs and seed give the same manifest")
-    stratify: list[str] = Field(default_factory=lambda: ["category"],
-                                description=f"columns whose combinations are the strata: {', '.join(STRATIFY_COLUMNS)}")
+    stratify: list[str] = Field(
+        default_factory=lambda: ["category"],
+        description=f"columns whose combinations are the strata: {', '.join(STRATIFY_COLUMNS)}",
+    )
     uniqueness: str | None = Field(None, description="item id: regex on the key (first group), column names, or md5")
     near_duplicates: int = Field(4, ge=-1, le=32, description="phash Hamming threshold; -1 turns near duplicates off")
     max_pixels: int = Field(100_000_000, gt=0, description="larger images are rejected as too_large")
     chunk_size: int = Field(256, gt=0, le=100_000, description="objects per inspect task")
-    storage_options: dict[str, Any] = Field(default_factory=dict,
-                                            description="fsspec options without credentials (endpoint_url, region)")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options without credentials (endpoint_url, region)"
+    )
 
     @field_validator("split")
     @classmethod

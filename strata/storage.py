@@ -14,8 +14,9 @@ from fsspec.core import url_to_fs
 __all__ = ["open_url", "object_uri", "is_transient", "SECRET_OPTION_KEYS"]
 
 # Storage options that carry credentials: never accepted as flow parameters, never logged.
-SECRET_OPTION_KEYS = frozenset({"key", "secret", "token", "password", "aws_access_key_id",
-                                "aws_secret_access_key", "aws_session_token"})
+SECRET_OPTION_KEYS = frozenset(
+    {"key", "secret", "token", "password", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
+)
 
 
 def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -64,16 +65,31 @@ def is_transient(err: BaseException) -> bool:
             return status == 429 or status >= 500
         if isinstance(current, (ConnectionError, TimeoutError)):
             return True
-        if isinstance(current, OSError) and current.errno in (errno.EIO, errno.ECONNRESET, errno.ETIMEDOUT,
-                                                             errno.EAGAIN, errno.EBUSY):
+        if isinstance(current, OSError) and current.errno in (
+            errno.EIO,
+            errno.ECONNRESET,
+            errno.ETIMEDOUT,
+            errno.EAGAIN,
+            errno.EBUSY,
+        ):
             return True
         name = type(current).__name__
-        if name in ("ClientOSError", "ServerDisconnectedError", "ServerTimeoutError", "EndpointConnectionError",
-                    "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError", "ResponseStreamingError"):
+        if name in (
+            "ClientOSError",
+            "ServerDisconnectedError",
+            "ServerTimeoutError",
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ReadTimeoutError",
+            "ConnectionClosedError",
+            "ResponseStreamingError",
+        ):
             return True
         text = str(current)
-        if any(word in text for word in ("SlowDown", "Throttl", "RequestTimeout", "InternalError",
-                                         "ServiceUnavailable", "503", "500 ")):
+        if any(
+            word in text
+            for word in ("SlowDown", "Throttl", "RequestTimeout", "InternalError", "ServiceUnavailable", "503", "500 ")
+        ):
             return True
         current = current.__cause__ or current.__context__
     return False

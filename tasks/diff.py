@@ -79,15 +79,20 @@ def manifest_diff(parent: pd.DataFrame | None, current: pd.DataFrame) -> pd.Data
     change = pd.Series("changed", index=both.index, dtype=object)
     change[both["_merge"] == "left_only"] = "removed"
     change[both["_merge"] == "right_only"] = "added"
-    same = (both["_merge"] == "both") & (both[m.MD5 + "_before"] == both[m.MD5 + "_after"]) & (
-        both[m.PURPOSE + "_before"] == both[m.PURPOSE + "_after"])
-    out = pd.DataFrame({
-        m.KEY: both[m.KEY],
-        m.CATEGORY: both[m.CATEGORY + "_after"].fillna(both[m.CATEGORY + "_before"]),
-        "change": change,
-        "purpose_before": both[m.PURPOSE + "_before"],
-        "purpose_after": both[m.PURPOSE + "_after"],
-    })
+    same = (
+        (both["_merge"] == "both")
+        & (both[m.MD5 + "_before"] == both[m.MD5 + "_after"])
+        & (both[m.PURPOSE + "_before"] == both[m.PURPOSE + "_after"])
+    )
+    out = pd.DataFrame(
+        {
+            m.KEY: both[m.KEY],
+            m.CATEGORY: both[m.CATEGORY + "_after"].fillna(both[m.CATEGORY + "_before"]),
+            "change": change,
+            "purpose_before": both[m.PURPOSE + "_before"],
+            "purpose_after": both[m.PURPOSE + "_after"],
+        }
+    )
     return out[~same].sort_values(m.KEY, ignore_index=True)
 
 
@@ -117,5 +122,10 @@ def diff_task(listing: pd.DataFrame, parent: Parent) -> Plan:
     plan = plan_changes(listing, parent.manifest, parent.rejects)
     get_run_logger().info(
         "diff: %d unchanged carried over, %d rejects carried over, %d to inspect, %d removed (parent version %s)",
-        len(plan.carried), len(plan.carried_rejects), len(plan.to_inspect), plan.removed, parent.version)
+        len(plan.carried),
+        len(plan.carried_rejects),
+        len(plan.to_inspect),
+        plan.removed,
+        parent.version,
+    )
     return plan

@@ -43,7 +43,7 @@ def _bands(threshold: int) -> list[tuple[int, int]]:
     count = threshold + 1
     widths = [64 // count + (1 if i < 64 % count else 0) for i in range(count)]
     shifts = np.concatenate([[0], np.cumsum(widths)[:-1]]).tolist()
-    return list(zip(shifts, widths))
+    return list(zip(shifts, widths, strict=False))
 
 
 def near_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarray]:

@@ -60,8 +60,13 @@ def strata_table(
     grouped = manifest.groupby(keys, dropna=False)
     rows = grouped.size()
     train = grouped[m.PURPOSE].apply(lambda p: float((p == "train").mean()))
-    table = pd.DataFrame({"stratum": ["/".join(map(str, k if isinstance(k, tuple) else (k,))) for k in rows.index],
-                          "rows": rows.to_numpy(), "train_fraction": train.to_numpy()})
+    table = pd.DataFrame(
+        {
+            "stratum": ["/".join(map(str, k if isinstance(k, tuple) else (k,))) for k in rows.index],
+            "rows": rows.to_numpy(),
+            "train_fraction": train.to_numpy(),
+        }
+    )
     table["target"] = float(fractions.get("train", 0.0))
     deviation = (table["train_fraction"] - table["target"]).abs()
     table["deviation"] = deviation.where(table["rows"] >= min_rows)
@@ -126,8 +131,12 @@ def _examples(result: Any) -> list[Any]:
     examples = info.get("partial_unexpected_index_list") or info.get("partial_unexpected_list") or []
     if not examples and "observed_value" in info:
         examples = [{"observed_value": info["observed_value"]}]
-    return [{k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in e.items()}
-            if isinstance(e, dict) else str(e) for e in examples[:5]]
+    return [
+        {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in e.items()}
+        if isinstance(e, dict)
+        else str(e)
+        for e in examples[:5]
+    ]
 
 
 def validate_manifest(
@@ -171,39 +180,57 @@ def validate_manifest(
     index_columns = {"manifest": [m.KEY], "spread": ["value"], "strata": ["stratum"]}
     failed, evaluated = [], 0
     for name, frame in frames.items():
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole").get_batch(
-            batch_parameters={"dataframe": frame})
-        result = batch.validate(suites[name], result_format={
-            "result_format": "SUMMARY", "unexpected_index_column_names": index_columns[name]})
+        batch = (
+            source.add_dataframe_asset(name)
+            .add_batch_definition_whole_dataframe("whole")
+            .get_batch(batch_parameters={"dataframe": frame})
+        )
+        result = batch.validate(
+            suites[name],
+            result_format={"result_format": "SUMMARY", "unexpected_index_column_names": index_columns[name]},
+        )
         for item in result.results:
             evaluated += 1
             if item.success:
                 continue
             config = item.expectation_config
-            failed.append({
-                "suite": suites[name].name,
-                "expectation": config.type,
-                "column": config.kwargs.get("column"),
-                "unexpected_count": (item.result or {}).get("unexpected_count"),
-                "examples": _examples(item),
-                "error": (item.exception_info or {}).get("exception_message"),
-            })
-    summary = ("all %d expectations met" % evaluated if not failed else
-               "failed: " + "; ".join(f"{f['expectation']}({f['column'] or ''}) e.g. {f['examples'][:2]}" for f in failed))
-    return {"success": not failed, "failed": failed, "statistics": {"evaluated": evaluated, "failed": len(failed)},
-            "summary": summary}
+            failed.append(
+                {
+                    "suite": suites[name].name,
+                    "expectation": config.type,
+                    "column": config.kwargs.get("column"),
+                    "unexpected_count": (item.result or {}).get("unexpected_count"),
+                    "examples": _examples(item),
+                    "error": (item.exception_info or {}).get("exception_message"),
+                }
+            )
+    summary = (
+        f"all {evaluated} expectations met"
+        if not failed
+        else "failed: " + "; ".join(f"{f['expectation']}({f['column'] or ''}) e.g. {f['examples'][:2]}" for f in failed)
+    )
+    return {
+        "success": not failed,
+        "failed": failed,
+        "statistics": {"evaluated": evaluated, "failed": len(failed)},
+        "summary": summary,
+    }
 
 
 @stage("validate", storage=False)
-def validate_task(candidate: "Candidate", parent: "Parent", options: "CurateOptions") -> dict[str, Any]:
+def validate_task(candidate: Candidate, parent: Parent, options: CurateOptions) -> dict[str, Any]:
     """Validate the candidate as it will be written (Prefect task)."""
-    frame = m.to_table(candidate.manifest.assign(**{m.FIRST_VERSION: candidate.manifest[m.FIRST_VERSION].fillna(
-        (parent.version or 0) + 1)})).to_pandas()
+    frame = m.to_table(
+        candidate.manifest.assign(
+            **{m.FIRST_VERSION: candidate.manifest[m.FIRST_VERSION].fillna((parent.version or 0) + 1)}
+        )
+    ).to_pandas()
     expected = len(parent.manifest) + candidate.diff["added"] - candidate.diff["removed"]
     carried = set(parent.manifest[m.PURPOSE].unique()) if len(parent.manifest) else set()
     purposes = sorted({p for p, f in options.split.items() if f > 0} | carried)
-    validation = validate_manifest(frame, fractions=options.split, stratify=options.stratify,
-                                   expected_rows=expected, purposes=purposes)
+    validation = validate_manifest(
+        frame, fractions=options.split, stratify=options.stratify, expected_rows=expected, purposes=purposes
+    )
     logger = get_run_logger()
     (logger.info if validation["success"] else logger.error)("validate: %s", validation["summary"])
     return validation

@@ -22,10 +22,36 @@ from loader import manifest as m
 from tasks.policy import stage
 
 # Pillow format name -> manifest format.
-_FORMATS = {"BMP": "bmp", "DIB": "bmp", "PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "GIF": "gif",
-            "TIFF": "tiff", "WEBP": "webp"}
-_CHANNELS = {"1": 1, "L": 1, "I": 1, "F": 1, "I;16": 1, "I;16B": 1, "I;16L": 1, "I;16N": 1, "LA": 2, "La": 2,
-             "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "CMYK": 3, "RGBA": 4, "RGBa": 4, "PA": 4}
+_FORMATS = {
+    "BMP": "bmp",
+    "DIB": "bmp",
+    "PNG": "png",
+    "JPEG": "jpeg",
+    "MPO": "jpeg",
+    "GIF": "gif",
+    "TIFF": "tiff",
+    "WEBP": "webp",
+}
+_CHANNELS = {
+    "1": 1,
+    "L": 1,
+    "I": 1,
+    "F": 1,
+    "I;16": 1,
+    "I;16B": 1,
+    "I;16L": 1,
+    "I;16N": 1,
+    "LA": 2,
+    "La": 2,
+    "RGB": 3,
+    "YCbCr": 3,
+    "LAB": 3,
+    "HSV": 3,
+    "CMYK": 3,
+    "RGBA": 4,
+    "RGBa": 4,
+    "PA": 4,
+}
 _PLAIN_MD5 = re.compile(r"^[0-9a-f]{32}$")
 DEFAULT_MAX_PIXELS = 100_000_000
 INSPECT_COLUMNS = (m.MD5, m.FORMAT, m.WIDTH, m.HEIGHT, m.CHANNELS, m.PHASH)
@@ -112,7 +138,11 @@ def inspect_bytes(data: bytes, etag: str = "", max_pixels: int = DEFAULT_MAX_PIX
         return Rejected("unreadable", "not an image Pillow recognises")
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as err:
         text = str(err) or type(err).__name__
-        reason = "truncated" if "truncat" in text.lower() or isinstance(err, EOFError) or "broken data stream" in text.lower() else "unreadable"
+        reason = (
+            "truncated"
+            if "truncat" in text.lower() or isinstance(err, EOFError) or "broken data stream" in text.lower()
+            else "unreadable"
+        )
         return Rejected(reason, text[:200])
     return Inspected(md5=md5, format=fmt, width=width, height=height, channels=channels, phash=hashed)
 
@@ -136,16 +166,16 @@ def inspect_objects(
     accepted: list[tuple] = []
     accepted_index: list[int] = []
     rejects: list[tuple] = []
-    for index, path, key, size, etag in zip(objects.index, objects[m.PATH], objects[m.KEY], objects[m.SIZE],
-                                            objects[m.ETAG]):
+    for index, path, key, size, etag in zip(
+        objects.index, objects[m.PATH], objects[m.KEY], objects[m.SIZE], objects[m.ETAG], strict=False
+    ):
         try:
             data = read(path)
         except FileNotFoundError:
             rejects.append((path, key, size, etag, "changed_during_run", "deleted after it was listed"))
             continue
         if len(data) != size:
-            rejects.append((path, key, size, etag, "changed_during_run",
-                            f"listed with {size} bytes, read {len(data)}"))
+            rejects.append((path, key, size, etag, "changed_during_run", f"listed with {size} bytes, read {len(data)}"))
             continue
         result = inspect_bytes(data, etag, max_pixels)
         if isinstance(result, Rejected):
@@ -162,6 +192,8 @@ def inspect_objects(
 
 
 @stage("inspect")
-def inspect_task(fs: fsspec.AbstractFileSystem, objects: pd.DataFrame, max_pixels: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def inspect_task(
+    fs: fsspec.AbstractFileSystem, objects: pd.DataFrame, max_pixels: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Inspect one chunk of objects (Prefect task: retries transient storage errors)."""
     return inspect_objects(objects, lambda uri: fs.cat_file(fs._strip_protocol(uri)), max_pixels)

@@ -9,7 +9,7 @@ import hashlib
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Mapping
 
 import fsspec
@@ -49,10 +49,10 @@ def _etag(info: Mapping[str, Any]) -> str:
 def _mtime(info: Mapping[str, Any]) -> datetime:
     stamp = info.get("LastModified") or info.get("last_modified") or info.get("mtime") or info.get("created")
     if isinstance(stamp, datetime):
-        return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+        return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
     if isinstance(stamp, str):
         return pd.Timestamp(stamp).tz_convert("UTC").to_pydatetime()
-    return datetime.fromtimestamp(float(stamp or 0), tz=timezone.utc)
+    return datetime.fromtimestamp(float(stamp or 0), tz=UTC)
 
 
 def category_of(key: str) -> str:
@@ -73,7 +73,7 @@ def listing_frame(fs: fsspec.AbstractFileSystem, root: str, entries: Mapping[str
     for name, info in entries.items():
         if info.get("type", "file") != "file" or not name.startswith(prefix):
             continue
-        key = name[len(prefix):]
+        key = name[len(prefix) :]
         ext = posixpath.splitext(key)[1].lower()
         if ext not in IMAGE_EXTENSIONS:
             skipped[ext or "(no extension)"] += 1
@@ -82,8 +82,17 @@ def listing_frame(fs: fsspec.AbstractFileSystem, root: str, entries: Mapping[str
         if not category:
             skipped["(no class folder)"] += 1
             continue
-        rows.append((object_uri(fs, name), key, posixpath.dirname(key), category, int(info.get("size") or 0),
-                     _etag(info), _mtime(info)))
+        rows.append(
+            (
+                object_uri(fs, name),
+                key,
+                posixpath.dirname(key),
+                category,
+                int(info.get("size") or 0),
+                _etag(info),
+                _mtime(info),
+            )
+        )
     frame = pd.DataFrame(rows, columns=list(LISTING_COLUMNS))
     frame[m.SIZE] = frame[m.SIZE].astype("int64")
     frame[m.MTIME] = pd.to_datetime(frame[m.MTIME], utc=True).astype("datetime64[us, UTC]")
@@ -116,6 +125,7 @@ def list_task(fs: fsspec.AbstractFileSystem, root: str, source_uri: str) -> List
     """List the source (Prefect task: retries transient storage errors)."""
     listing = list_source(fs, root, source_uri)
     skipped = sum(listing.skipped.values())
-    get_run_logger().info("list: %d image objects under %s (%d other files skipped)", len(listing.objects),
-                          source_uri, skipped)
+    get_run_logger().info(
+        "list: %d image objects under %s (%d other files skipped)", len(listing.objects), source_uri, skipped
+    )
     return listing

@@ -27,6 +27,10 @@ def stage(name: str, *, storage: bool = True) -> Callable[[F], F]:
     """
     options: dict[str, Any] = {"name": name, "cache_policy": NO_CACHE}
     if storage:
-        options.update(retries=len(RETRY_DELAYS_SECONDS), retry_delay_seconds=RETRY_DELAYS_SECONDS,
-                       retry_jitter_factor=0.2, retry_condition_fn=_retry_if_transient)
+        options.update(
+            retries=len(RETRY_DELAYS_SECONDS),
+            retry_delay_seconds=RETRY_DELAYS_SECONDS,
+            retry_jitter_factor=0.2,
+            retry_condition_fn=_retry_if_transient,
+        )
     return task(**options)

@@ -17,7 +17,7 @@ import json
 import os
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Mapping
 
 import fsspec
@@ -28,7 +28,6 @@ from prefect import get_run_logger
 from loader import manifest as m
 from strata.errors import CommitConflict
 from tasks.policy import stage
-
 
 STALE_AFTER_S = 6 * 3600  # an uncommitted claim older than this is a crashed run's debris
 
@@ -78,7 +77,7 @@ def commit_record(
         "dataset": dataset,
         "version": version,
         "parent_version": parent_version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source,
         "parameters": dict(parameters),
         "rows": int(len(manifest)),
@@ -118,7 +117,7 @@ def _claim_age(store: Store, version: int) -> tuple[float, str]:
     try:
         claim = json.loads(store.fs.cat_file(f"{store.version_path(version)}/{m.CLAIM_FILE}"))
         claimed = datetime.fromisoformat(claim["claimed_at"])
-        return (datetime.now(timezone.utc) - claimed).total_seconds(), str(claim.get("run_id"))
+        return (datetime.now(UTC) - claimed).total_seconds(), str(claim.get("run_id"))
     except (FileNotFoundError, ValueError, KeyError):
         return float("inf"), "unknown"
 
@@ -136,18 +135,23 @@ def claim_version(store: Store, parent_version: int | None, run_id: str, stale_a
     if committed != parent_version:
         raise CommitConflict(
             f"{store.uri}: version {committed} was committed while this run planned on "
-            f"{'version %s' % parent_version if parent_version is not None else 'an empty dataset'}"
+            + (f"version {parent_version}" if parent_version is not None else "an empty dataset")
         )
     existing = set(m.version_numbers(store.fs, store.dataset_path))
     version = (parent_version or 0) + 1
     while version in existing:
         age, owner = _claim_age(store, version)
         if age < stale_after_s:
-            raise CommitConflict(f"{store.uri}: version {version} is being written by run {owner} "
-                                 f"(claimed {age:.0f} s ago); re-run once it has committed")
+            raise CommitConflict(
+                f"{store.uri}: version {version} is being written by run {owner} "
+                f"(claimed {age:.0f} s ago); re-run once it has committed"
+            )
         version += 1
-    claim = {"run_id": run_id, "parent_version": parent_version,
-             "claimed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    claim = {
+        "run_id": run_id,
+        "parent_version": parent_version,
+        "claimed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
     store.fs.makedirs(store.version_path(version), exist_ok=True)
     try:
         _create(store.fs, f"{store.version_path(version)}/{m.CLAIM_FILE}", json.dumps(claim).encode())
@@ -204,7 +208,11 @@ def serialize(candidate: Candidate, version: int) -> tuple[pd.DataFrame, bytes, 
     """Fill ``first_version`` of new rows with ``version`` and serialize both tables."""
     manifest = candidate.manifest.copy()
     manifest[m.FIRST_VERSION] = manifest[m.FIRST_VERSION].fillna(version).astype("int32")
-    return manifest, m.parquet_bytes(m.to_table(manifest)), m.parquet_bytes(m.to_table(candidate.rejects, m.REJECTS_SCHEMA))
+    return (
+        manifest,
+        m.parquet_bytes(m.to_table(manifest)),
+        m.parquet_bytes(m.to_table(candidate.rejects, m.REJECTS_SCHEMA)),
+    )
 
 
 @stage("publish")
@@ -220,9 +228,15 @@ def publish_task(
     version = claim_version(store, parent_version, run_id)
     manifest, manifest_bytes, rejects_bytes = serialize(candidate, version)
     record = commit_record(
-        version=version, parent_version=parent_version, manifest=manifest, rejects=candidate.rejects,
-        diff=candidate.diff, manifest_sha256=sha256(manifest_bytes), rejects_sha256=sha256(rejects_bytes),
-        validation=validation, **record_fields,
+        version=version,
+        parent_version=parent_version,
+        manifest=manifest,
+        rejects=candidate.rejects,
+        diff=candidate.diff,
+        manifest_sha256=sha256(manifest_bytes),
+        rejects_sha256=sha256(rejects_bytes),
+        validation=validation,
+        **record_fields,
     )
     uri = write_version(store, version, parent_version, manifest_bytes, rejects_bytes, validation, record)
     get_run_logger().info("publish: committed version %d at %s (%d rows)", version, uri, len(manifest))

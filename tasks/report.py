@@ -69,8 +69,11 @@ def summarize(
     rejects = candidate.rejects if candidate is not None and not no_change else parent.rejects
     dataset = store.dataset_path.rstrip("/").rsplit("/", 1)[-1]
     if no_change:
-        message = (f"no change since version {parent.version}: nothing published"
-                   if parent.version is not None else "nothing to publish")
+        message = (
+            f"no change since version {parent.version}: nothing published"
+            if parent.version is not None
+            else "nothing to publish"
+        )
     elif published is not None:
         message = f"published version {published[0]} at {published[1]}"
     else:
@@ -95,11 +98,11 @@ def summary_markdown(summary: CurateSummary, parameters: Mapping[str, Any]) -> s
     lines = [f"# {summary.dataset}: {summary.message}", ""]
     if summary.version_uri:
         lines += [f"- manifest: `{summary.version_uri}/{m.MANIFEST_FILE}`"]
-    lines += [f"- version: {summary.version} (parent {summary.parent_version})",
-              f"- parameters: `{dict(parameters)}`"]
+    lines += [f"- version: {summary.version} (parent {summary.parent_version})", f"- parameters: `{dict(parameters)}`"]
     if summary.validation is not None:
-        lines += [f"- validation: {'passed' if summary.validation['success'] else 'FAILED'}: "
-                  f"{summary.validation['summary']}"]
+        lines += [
+            f"- validation: {'passed' if summary.validation['success'] else 'FAILED'}: {summary.validation['summary']}"
+        ]
     if summary.diff:
         lines += ["- diff: " + ", ".join(f"{k} {v}" for k, v in summary.diff.items())]
     if summary.rejects:
@@ -126,16 +129,27 @@ def report_task(
     dataset = summary.dataset
     if summary.counts:
         table = counts_table(summary.counts).reset_index()
-        create_table_artifact(table=table.to_dict(orient="records"), key=artifact_key(dataset, "counts"),
-                              description=f"{dataset}: samples per category and purpose")
+        create_table_artifact(
+            table=table.to_dict(orient="records"),
+            key=artifact_key(dataset, "counts"),
+            description=f"{dataset}: samples per category and purpose",
+        )
     if candidate is not None and not no_change:
         rejects = candidate.rejects
         examples = rejects.groupby(m.REASON)[m.KEY].apply(lambda k: ", ".join(k.head(3)))
-        rows = [{"reason": reason, "count": int(count), "examples": examples[reason]}
-                for reason, count in rejects[m.REASON].value_counts().sort_index().items()]
-        create_table_artifact(table=rows or [{"reason": "none", "count": 0, "examples": ""}],
-                              key=artifact_key(dataset, "rejects"), description=f"{dataset}: rejected objects by reason")
-    create_markdown_artifact(markdown=summary_markdown(summary, parameters), key=artifact_key(dataset, "summary"),
-                             description=f"{dataset}: curation run summary")
+        rows = [
+            {"reason": reason, "count": int(count), "examples": examples[reason]}
+            for reason, count in rejects[m.REASON].value_counts().sort_index().items()
+        ]
+        create_table_artifact(
+            table=rows or [{"reason": "none", "count": 0, "examples": ""}],
+            key=artifact_key(dataset, "rejects"),
+            description=f"{dataset}: rejected objects by reason",
+        )
+    create_markdown_artifact(
+        markdown=summary_markdown(summary, parameters),
+        key=artifact_key(dataset, "summary"),
+        description=f"{dataset}: curation run summary",
+    )
     get_run_logger().info("report: %s", summary.message)
     return summary

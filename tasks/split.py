@@ -244,14 +244,23 @@ def assign_purposes(
     purpose[free_idx] = names[unit_purpose[free_inverse]]
     out = frame.copy()
     out[m.PURPOSE] = purpose
-    return SplitResult(samples=out[~held].reset_index(drop=True), held_out=frame[held].reset_index(drop=True),
-                       units=int(len(np.unique(unit))))
+    return SplitResult(
+        samples=out[~held].reset_index(drop=True),
+        held_out=frame[held].reset_index(drop=True),
+        units=int(len(np.unique(unit))),
+    )
 
 
 @stage("split", storage=False)
-def split_task(samples: pd.DataFrame, fractions: Mapping[str, float], seed: int, stratify: Sequence[str]) -> SplitResult:
+def split_task(
+    samples: pd.DataFrame, fractions: Mapping[str, float], seed: int, stratify: Sequence[str]
+) -> SplitResult:
     """Assign purposes (Prefect task)."""
     result = assign_purposes(samples, fractions, seed, stratify)
-    get_run_logger().info("split: %d rows in %d units; %d held out for joining two purposes",
-                          len(result.samples), result.units, len(result.held_out))
+    get_run_logger().info(
+        "split: %d rows in %d units; %d held out for joining two purposes",
+        len(result.samples),
+        result.units,
+        len(result.held_out),
+    )
     return result

@@ -17,8 +17,16 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 VIAL = FIXTURES / "vial_0_1543413266626.bmp"
-PIL_FORMATS = {"bmp": "BMP", "png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "gif": "GIF", "tif": "TIFF",
-               "tiff": "TIFF", "webp": "WEBP"}
+PIL_FORMATS = {
+    "bmp": "BMP",
+    "png": "PNG",
+    "jpg": "JPEG",
+    "jpeg": "JPEG",
+    "gif": "GIF",
+    "tif": "TIFF",
+    "tiff": "TIFF",
+    "webp": "WEBP",
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -88,10 +96,37 @@ def s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     import s3fs
 
     requests.post(f"{moto_server}/moto-api/reset", timeout=10)
-    for name, value in {"AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    for name, value in {
+        "AWS_ENDPOINT_URL": moto_server,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
         monkeypatch.setenv(name, value)
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
     fs.mkdir("strata-test")
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(autouse=True)
+def prefect_console_follows_capture() -> Iterator[None]:
+    """Point Prefect's console log handlers at this test's stderr.
+
+    They bind the stream they first see; once a capsys test closes it, later flow logs would fail.
+    """
+    import logging
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    def rebind(stream: object) -> None:
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            for handler in getattr(logger, "handlers", []):
+                if isinstance(handler, PrefectConsoleHandler):
+                    handler.stream = stream  # not setStream: it flushes the old, maybe closed, stream
+                    handler.console.file = stream  # the rich console it prints through
+
+    rebind(sys.stderr)
+    yield
+    rebind(sys.__stderr__)

@@ -34,7 +34,9 @@ def test_near_pairs_equal_exhaustive_search(threshold: int) -> None:
     i, j = near_pairs(hashes, threshold)
     ei, ej = np.triu_indices(len(hashes), k=1)
     close = np.bitwise_count(hashes[ei] ^ hashes[ej]) <= threshold
-    assert set(zip(i.tolist(), j.tolist())) == set(zip(ei[close].tolist(), ej[close].tolist()))
+    assert set(zip(i.tolist(), j.tolist(), strict=False)) == set(
+        zip(ei[close].tolist(), ej[close].tolist(), strict=False)
+    )
     assert len(i) > 0
 
 
@@ -65,17 +67,28 @@ def test_exact_and_near_duplicates_form_groups() -> None:
     assert groups["good/1.png"] == groups["good/2.png"] == groups["good/3.jpg"]
     assert groups["bad/5.png"] == groups["bad/6.png"] != groups["good/1.png"]
     assert pd.isna(groups["good/4.png"])
-    assert grouped["exact_duplicate"].to_dict() == {"good/1.png": False, "good/2.png": False, "good/3.jpg": False,
-                                                    "good/4.png": False, "bad/5.png": True, "bad/6.png": True}
+    assert grouped["exact_duplicate"].to_dict() == {
+        "good/1.png": False,
+        "good/2.png": False,
+        "good/3.jpg": False,
+        "good/4.png": False,
+        "bad/5.png": True,
+        "bad/6.png": True,
+    }
     exact_only = find_duplicates(frame, threshold=-1).set_index(m.KEY)[m.DUPLICATE_GROUP]
     assert exact_only["good/1.png"] == exact_only["good/2.png"] and pd.isna(exact_only["good/3.jpg"])
 
 
 def test_group_ids_are_kept_across_versions() -> None:
     md5s = [hashlib.md5(str(i).encode()).hexdigest() for i in range(4)]
-    frame = pd.DataFrame({m.KEY: list("abcd"), m.MD5: md5s,
-                          m.PHASH: np.array([0, 1, 3, 0xFFFF_FFFF_0000_0000], dtype=np.uint64),
-                          m.DUPLICATE_GROUP: ["dup-old", None, None, None]})
+    frame = pd.DataFrame(
+        {
+            m.KEY: list("abcd"),
+            m.MD5: md5s,
+            m.PHASH: np.array([0, 1, 3, 0xFFFF_FFFF_0000_0000], dtype=np.uint64),
+            m.DUPLICATE_GROUP: ["dup-old", None, None, None],
+        }
+    )
     grouped = find_duplicates(frame, threshold=4)
     assert grouped[m.DUPLICATE_GROUP].tolist()[:3] == ["dup-old"] * 3
     assert pd.isna(grouped[m.DUPLICATE_GROUP].iloc[3])

@@ -17,9 +17,20 @@ from tasks.inspect import Inspected, Rejected, inspect_bytes, inspect_objects, p
 from tests.conftest import VIAL, encode, picture
 
 CASES = [
-    ("bmp", "RGB", 3), ("bmp", "L", 1), ("png", "RGB", 3), ("png", "RGBA", 4), ("png", "L", 1), ("png", "P", 3),
-    ("png", "LA", 2), ("jpg", "RGB", 3), ("jpg", "L", 1), ("gif", "P", 3), ("tiff", "RGB", 3), ("tiff", "L", 1),
-    ("webp", "RGB", 3), ("webp", "L", 3),  # WebP has no grey mode: it decodes as RGB
+    ("bmp", "RGB", 3),
+    ("bmp", "L", 1),
+    ("png", "RGB", 3),
+    ("png", "RGBA", 4),
+    ("png", "L", 1),
+    ("png", "P", 3),
+    ("png", "LA", 2),
+    ("jpg", "RGB", 3),
+    ("jpg", "L", 1),
+    ("gif", "P", 3),
+    ("tiff", "RGB", 3),
+    ("tiff", "L", 1),
+    ("webp", "RGB", 3),
+    ("webp", "L", 3),  # WebP has no grey mode: it decodes as RGB
 ]
 
 
@@ -68,9 +79,15 @@ REJECTS = {
     "too-large-header": (_png_claiming(100_000, 100_000), ""),
     "checksum-mismatch": (encode(picture(1), "png"), "0123456789abcdef0123456789abcdef"),
 }
-EXPECTED = {"empty": "empty", "unreadable-text": "unreadable", "truncated-jpeg": "truncated",
-            "truncated-png": "truncated", "unsupported-ppm": "unsupported_format",
-            "too-large-header": "too_large", "checksum-mismatch": "checksum_mismatch"}
+EXPECTED = {
+    "empty": "empty",
+    "unreadable-text": "unreadable",
+    "truncated-jpeg": "truncated",
+    "truncated-png": "truncated",
+    "unsupported-ppm": "unsupported_format",
+    "too-large-header": "too_large",
+    "checksum-mismatch": "checksum_mismatch",
+}
 
 
 @pytest.mark.parametrize("case", sorted(REJECTS))
@@ -96,8 +113,14 @@ def test_matching_plain_md5_etag_is_accepted() -> None:
 
 def test_objects_that_change_or_vanish_during_the_run() -> None:
     data = encode(picture(1), "png")
-    objects = pd.DataFrame({m.PATH: ["mem://a", "mem://b", "mem://c"], m.KEY: ["x/a.png", "x/b.png", "x/c.png"],
-                            m.SIZE: [len(data), len(data) + 5, len(data)], m.ETAG: ["e1", "e2", "e3"]})
+    objects = pd.DataFrame(
+        {
+            m.PATH: ["mem://a", "mem://b", "mem://c"],
+            m.KEY: ["x/a.png", "x/b.png", "x/c.png"],
+            m.SIZE: [len(data), len(data) + 5, len(data)],
+            m.ETAG: ["e1", "e2", "e3"],
+        }
+    )
 
     def read(path: str) -> bytes:
         if path == "mem://c":
@@ -107,5 +130,7 @@ def test_objects_that_change_or_vanish_during_the_run() -> None:
     accepted, rejects = inspect_objects(objects, read)
     assert accepted[m.KEY].tolist() == ["x/a.png"]
     assert accepted[m.PHASH].dtype == "uint64"
-    assert rejects.set_index(m.KEY)[m.REASON].to_dict() == {"x/b.png": "changed_during_run",
-                                                            "x/c.png": "changed_during_run"}
+    assert rejects.set_index(m.KEY)[m.REASON].to_dict() == {
+        "x/b.png": "changed_during_run",
+        "x/c.png": "changed_during_run",
+    }

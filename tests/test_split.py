@@ -17,10 +17,16 @@ def _frame(n: int = 3000, seed: int = 0, items: int | None = None) -> pd.DataFra
     rng = np.random.default_rng(seed)
     category = rng.choice(["good", "bad_cap", "missing_cap"], size=n, p=[0.7, 0.22, 0.08])
     item = rng.integers(0, items or n, size=n)
-    keys = [f"{c}/{i}_{k}.bmp" for k, (c, i) in enumerate(zip(category, item))]
-    frame = pd.DataFrame({m.KEY: keys, m.CATEGORY: category,
-                          m.MD5: [hashlib.md5(k.encode()).hexdigest() for k in keys],
-                          m.DUPLICATE_GROUP: None, m.PURPOSE: None})
+    keys = [f"{c}/{i}_{k}.bmp" for k, (c, i) in enumerate(zip(category, item, strict=False))]
+    frame = pd.DataFrame(
+        {
+            m.KEY: keys,
+            m.CATEGORY: category,
+            m.MD5: [hashlib.md5(k.encode()).hexdigest() for k in keys],
+            m.DUPLICATE_GROUP: None,
+            m.PURPOSE: None,
+        }
+    )
     frame[m.UNIQUE_ID], _ = unique_ids(frame, r"/(\d+)_\d+\.bmp$")
     return frame
 
@@ -80,8 +86,15 @@ def test_a_new_row_bridging_two_purposes_is_held_out() -> None:
     frame = _frame(n=10)
     frame[m.UNIQUE_ID] = frame[m.MD5]
     frame[m.PURPOSE] = ["train"] * 5 + ["devel"] * 5
-    bridge = frame.iloc[[0]].assign(**{m.KEY: "good/bridge.bmp", m.MD5: "f" * 32, m.PURPOSE: None,
-                                        m.DUPLICATE_GROUP: "dup-x", m.UNIQUE_ID: "bridge"})
+    bridge = frame.iloc[[0]].assign(
+        **{
+            m.KEY: "good/bridge.bmp",
+            m.MD5: "f" * 32,
+            m.PURPOSE: None,
+            m.DUPLICATE_GROUP: "dup-x",
+            m.UNIQUE_ID: "bridge",
+        }
+    )
     frame.loc[[0, 9], m.DUPLICATE_GROUP] = "dup-x"  # a train and a devel row, now joined by the bridge
     result = assign_purposes(pd.concat([frame, bridge], ignore_index=True))
     assert result.held_out[m.KEY].tolist() == ["good/bridge.bmp"]
@@ -89,8 +102,13 @@ def test_a_new_row_bridging_two_purposes_is_held_out() -> None:
 
 
 def test_uniqueness_by_columns_regex_and_fallback() -> None:
-    frame = pd.DataFrame({m.KEY: ["good/1_5.bmp", "bad/1_6.bmp", "good/notes.bmp"], m.FOLDER: ["good", "bad", "good"],
-                          m.MD5: ["a" * 32, "b" * 32, "c" * 32]})
+    frame = pd.DataFrame(
+        {
+            m.KEY: ["good/1_5.bmp", "bad/1_6.bmp", "good/notes.bmp"],
+            m.FOLDER: ["good", "bad", "good"],
+            m.MD5: ["a" * 32, "b" * 32, "c" * 32],
+        }
+    )
     ids, fallback = unique_ids(frame, r"(\d+)_\d+\.bmp$")
     assert ids.tolist() == ["1", "1", "c" * 32] and fallback == 1
     ids, _ = unique_ids(frame, "folder")
