@@ -1,19 +1,32 @@
-"""Read strata manifests for training.
+"""Read strata manifests for training: ``from_manifest`` turns a committed version into a ``tf.data`` pipeline.
 
-``read_manifest`` and ``class_names`` need only pandas and pyarrow; importing this package loads neither
-TensorFlow nor Prefect nor Great Expectations.
+``read_manifest`` and ``class_names`` need only pandas and pyarrow. ``from_manifest`` and ``Augment`` load
+TensorFlow on first use, so importing this package (as the curation tasks do) never does; neither path
+imports Prefect or Great Expectations.
 """
 
 from __future__ import annotations
 
-from loader.manifest import read_manifest
+from typing import Any, Mapping
 
-__all__ = ["read_manifest", "class_names"]
+from loader.manifest import CATEGORY, read_manifest
+
+__all__ = ["from_manifest", "read_manifest", "class_names", "Augment"]
+
+_LAZY = {"from_manifest": "loader.pipeline", "Augment": "loader.augment"}
 
 
-def class_names(uri: str, version: int | str | None = "latest", storage_options: dict | None = None) -> list[str]:
+def class_names(
+    uri: str, version: int | str | None = "latest", storage_options: Mapping[str, Any] | None = None
+) -> list[str]:
     """Sorted category names of a whole version (all purposes): the label order of every split."""
-    from loader.manifest import CATEGORY
-
     frame = read_manifest(uri, version, storage_options)
     return sorted(frame[CATEGORY].unique().tolist())
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'loader' has no attribute {name!r}")

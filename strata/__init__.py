@@ -7,6 +7,7 @@ This package holds what they share (errors, storage helpers) and the ``strata`` 
 from strata.errors import (
     CommitConflict,
     ConfigError,
+    ImageError,
     IntegrityError,
     ManifestError,
     SourceError,
@@ -17,6 +18,7 @@ from strata.errors import (
 __all__ = [
     "CommitConflict",
     "ConfigError",
+    "ImageError",
     "IntegrityError",
     "ManifestError",
     "SourceError",

@@ -10,6 +10,7 @@ __all__ = [
     "IntegrityError",
     "CommitConflict",
     "ValidationFailed",
+    "ImageError",
 ]
 
 
@@ -39,3 +40,7 @@ class CommitConflict(StrataError):
 
 class ValidationFailed(StrataError):
     """The candidate manifest failed its checks; nothing was published."""
+
+
+class ImageError(StrataError):
+    """An image a manifest lists is missing, changed or unreadable when a pipeline reads it."""

@@ -1,0 +1,246 @@
+"""Seeded, batched augmentation: every random choice from (seed, sample md5, epoch), applied on any device.
+
+The random part runs in numpy beside the sampler (:meth:`Augment.draw`): for each sample it derives a 64-bit
+key from ``(seed, md5, epoch)`` with splitmix64 and turns it into that sample's parameters, a row of
+``PARAMS`` floats plus a noise seed. The tensor part (:meth:`Augment.apply`) is deterministic TensorFlow on
+a whole batch: one projective warp for flips, 90-degree and free rotation, scale, shear and translation
+(composed into one matrix, so a sample is resampled at most once), then brightness, contrast, saturation,
+hue and gaussian noise. A sample's pixels therefore depend on its key only, never on its batch position,
+the parallelism or the device; samples a transform does not hit keep their exact pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import tensorflow as tf
+
+from strata.errors import ConfigError
+
+__all__ = ["Augment", "sample_keys", "PARAMS"]
+
+# Layout of a sample's parameter row.
+_WARP = slice(0, 8)  # ImageProjectiveTransformV3 row: output (x, y) -> input (x, y)
+_BRIGHTNESS, _CONTRAST, _HUE, _SATURATION = 8, 9, 10, 11
+_ON_BRIGHTNESS, _ON_CONTRAST, _ON_COLOUR, _ON_NOISE = 12, 13, 14, 15
+PARAMS = 16
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MASK = (1 << 64) - 1
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_keys(seed: int, md5s: np.ndarray, epochs: np.ndarray) -> np.ndarray:
+    """A 64-bit key per sample from (seed, md5 hex, epoch): the only input of its augmentation."""
+    halves = np.array([[int(h[:16], 16), int(h[16:32], 16)] for h in md5s], dtype=np.uint64).reshape(-1, 2)
+    key = _splitmix64(np.full(len(md5s), np.uint64(seed & _MASK)))
+    key = _splitmix64(key ^ halves[:, 0])
+    key = _splitmix64(key ^ halves[:, 1])
+    return _splitmix64(key ^ np.asarray(epochs, dtype=np.uint64))
+
+
+class _Uniforms:
+    """Independent uniform [0, 1) streams per sample, numbered: ``u(j)`` is stream j for every key."""
+
+    def __init__(self, keys: np.ndarray) -> None:
+        self._keys = keys
+
+    def __call__(self, stream: int) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            bits = _splitmix64(self._keys + np.uint64(stream) * _GOLDEN)
+        return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Per-sample seeded augmentation. Each transform has the probability that a sample gets it, and a range.
+
+    Geometric transforms fill uncovered pixels by reflection. ``rotate90`` turns by a random multiple of 90
+    degrees about the centre (exact for square images; on others, the corners are filled by reflection).
+    ``hue`` and ``saturation`` are ignored for grayscale images. ``noise_stddev`` and ``max_brightness`` are
+    fractions of the 0..255 value range; augmentation runs before ``rescale``.
+    """
+
+    flip: float = 0.0
+    flip_vertical: float = 0.0
+    rotate90: float = 0.0
+    rotate: float = 0.0
+    max_angle: float = 15.0
+    scale: float = 0.0
+    max_scale: float = 0.1
+    shear: float = 0.0
+    max_shear: float = 0.05
+    translate: float = 0.0
+    max_translate: float = 0.1
+    brightness: float = 0.0
+    max_brightness: float = 0.2
+    contrast: float = 0.0
+    contrast_range: tuple[float, float] = (0.8, 1.25)
+    hue: float = 0.0
+    max_hue: float = 0.05
+    saturation: float = 0.0
+    saturation_range: tuple[float, float] = (0.5, 1.5)
+    noise: float = 0.0
+    noise_stddev: float = 0.02
+
+    _PROBABILITIES = (
+        "flip",
+        "flip_vertical",
+        "rotate90",
+        "rotate",
+        "scale",
+        "shear",
+        "translate",
+        "brightness",
+        "contrast",
+        "hue",
+        "saturation",
+        "noise",
+    )
+
+    def __post_init__(self) -> None:
+        for name in self._PROBABILITIES:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"Augment({name}={value!r}): a probability must lie between 0 and 1")
+        for name in ("max_angle", "max_scale", "max_shear", "max_translate", "max_brightness", "max_hue"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"Augment({name}={getattr(self, name)!r}) must be >= 0")
+        if not 0 <= self.max_scale < 1:
+            raise ConfigError(f"Augment(max_scale={self.max_scale!r}) must lie in [0, 1)")
+        if self.noise_stddev < 0:
+            raise ConfigError(f"Augment(noise_stddev={self.noise_stddev!r}) must be >= 0")
+        for name in ("contrast_range", "saturation_range"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise ConfigError(f"Augment({name}={(low, high)!r}) must be (low, high) with 0 <= low <= high")
+
+    def __repr__(self) -> str:
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
+        return f"Augment({', '.join(changed)})"
+
+    @property
+    def geometric(self) -> bool:
+        return any(
+            getattr(self, n) > 0 for n in ("flip", "flip_vertical", "rotate90", "rotate", "scale", "shear", "translate")
+        )
+
+    def draw(self, keys: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each sample's parameters: a float32 ``[n, PARAMS]`` array and an int64 ``[n, 2]`` noise seed."""
+        u = _Uniforms(keys)
+        n = len(keys)
+
+        def hit(stream: int, probability: float) -> np.ndarray:
+            return u(stream) < probability if probability > 0 else np.zeros(n, dtype=bool)
+
+        def symmetric(stream: int, bound: float) -> np.ndarray:
+            return (2.0 * u(stream) - 1.0) * bound
+
+        # Inverse of the forward map  R . Shear . Scale . Flip . Rot90  (output pixel -> input pixel).
+        inverse = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
+        turns = np.where(hit(2, self.rotate90), np.floor(u(3) * 4).astype(np.int64) % 4, 0)
+        cos90, sin90 = np.array([1, 0, -1, 0])[turns], np.array([0, 1, 0, -1])[turns]
+        inverse = _mat(cos90, sin90, -sin90, cos90) @ inverse  # rotation by -turns * 90
+        flips = _mat(np.where(hit(0, self.flip), -1.0, 1.0), 0, 0, np.where(hit(1, self.flip_vertical), -1.0, 1.0))
+        inverse = inverse @ flips
+        zoom = np.where(hit(6, self.scale), 1.0 + symmetric(7, self.max_scale), 1.0)
+        inverse = inverse @ _mat(1.0 / zoom, 0, 0, 1.0 / zoom)
+        sheared = hit(8, self.shear)
+        shear_x, shear_y = (
+            np.where(sheared, symmetric(9, self.max_shear), 0.0),
+            np.where(sheared, symmetric(10, self.max_shear), 0.0),
+        )
+        det = 1.0 - shear_x * shear_y
+        inverse = inverse @ _mat(1.0 / det, -shear_x / det, -shear_y / det, 1.0 / det)
+        angle = np.where(hit(4, self.rotate), np.deg2rad(symmetric(5, self.max_angle)), 0.0)
+        inverse = inverse @ _mat(np.cos(angle), np.sin(angle), -np.sin(angle), np.cos(angle))
+        moved = hit(11, self.translate)
+        shift = np.stack(
+            [
+                np.where(moved, symmetric(12, self.max_translate) * width, 0.0),
+                np.where(moved, symmetric(13, self.max_translate) * height, 0.0),
+            ],
+            axis=1,
+        )
+        centre = np.array([(width - 1) / 2.0, (height - 1) / 2.0])
+        offset = centre - np.einsum("nij,nj->ni", inverse, centre + shift)
+
+        params = np.zeros((n, PARAMS), dtype=np.float64)
+        params[:, _WARP] = np.stack(
+            [
+                inverse[:, 0, 0],
+                inverse[:, 0, 1],
+                offset[:, 0],
+                inverse[:, 1, 0],
+                inverse[:, 1, 1],
+                offset[:, 1],
+                np.zeros(n),
+                np.zeros(n),
+            ],
+            axis=1,
+        )
+        params[:, _ON_BRIGHTNESS] = hit(14, self.brightness)
+        params[:, _BRIGHTNESS] = symmetric(15, self.max_brightness) * 255.0
+        params[:, _ON_CONTRAST] = hit(16, self.contrast)
+        params[:, _CONTRAST] = self.contrast_range[0] + u(17) * (self.contrast_range[1] - self.contrast_range[0])
+        on_hue, on_saturation = hit(18, self.hue), hit(20, self.saturation)
+        params[:, _HUE] = np.where(on_hue, symmetric(19, self.max_hue), 0.0)
+        low, high = self.saturation_range
+        params[:, _SATURATION] = np.where(on_saturation, low + u(21) * (high - low), 1.0)
+        params[:, _ON_COLOUR] = on_hue | on_saturation
+        params[:, _ON_NOISE] = hit(22, self.noise)
+        with np.errstate(over="ignore"):
+            seeds = _splitmix64(keys + np.uint64(23) * _GOLDEN)
+        noise_seeds = np.stack([seeds >> np.uint64(32), seeds & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
+        return params.astype(np.float32), noise_seeds
+
+    def apply(self, images: tf.Tensor, params: tf.Tensor, noise_seeds: tf.Tensor) -> tf.Tensor:
+        """Augment a float32 batch ``[B, H, W, C]`` in 0..255 with its drawn parameters; returns 0..255."""
+        on = {
+            i: tf.reshape(params[:, i] > 0.5, [-1, 1, 1, 1])
+            for i in (_ON_BRIGHTNESS, _ON_CONTRAST, _ON_COLOUR, _ON_NOISE)
+        }
+        value = {i: tf.reshape(params[:, i], [-1, 1, 1, 1]) for i in (_BRIGHTNESS, _CONTRAST, _HUE, _SATURATION)}
+        if self.geometric:
+            images = tf.raw_ops.ImageProjectiveTransformV3(
+                images=images,
+                transforms=params[:, _WARP],
+                output_shape=tf.shape(images)[1:3],
+                fill_value=0.0,
+                interpolation="BILINEAR",
+                fill_mode="REFLECT",
+            )
+        if self.brightness > 0:
+            images = tf.where(on[_ON_BRIGHTNESS], images + value[_BRIGHTNESS], images)
+        if self.contrast > 0:
+            mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
+            images = tf.where(on[_ON_CONTRAST], (images - mean) * value[_CONTRAST] + mean, images)
+        if (self.hue > 0 or self.saturation > 0) and images.shape[-1] == 3:
+            hsv = tf.image.rgb_to_hsv(tf.clip_by_value(images, 0.0, 255.0) / 255.0)
+            hue = tf.math.floormod(hsv[..., 0:1] + value[_HUE], 1.0)
+            saturation = tf.clip_by_value(hsv[..., 1:2] * value[_SATURATION], 0.0, 1.0)
+            coloured = tf.image.hsv_to_rgb(tf.concat([hue, saturation, hsv[..., 2:3]], axis=-1)) * 255.0
+            images = tf.where(on[_ON_COLOUR], coloured, images)
+        if self.noise > 0:
+            shape = tf.shape(images)[1:]
+            noise = tf.map_fn(
+                lambda seed: tf.random.stateless_normal(shape, seed=seed, alg="philox"),
+                noise_seeds,
+                fn_output_signature=tf.float32,
+            )
+            images = tf.where(on[_ON_NOISE], images + noise * (self.noise_stddev * 255.0), images)
+        return tf.clip_by_value(images, 0.0, 255.0)
+
+
+def _mat(a: object, b: object, c: object, d: object) -> np.ndarray:
+    """Stack per-sample 2x2 matrices [[a, b], [c, d]] from scalars or arrays."""
+    a, b, c, d = np.broadcast_arrays(*(np.asarray(x, dtype=np.float64) for x in (a, b, c, d)))
+    return np.stack([np.stack([a, b], -1), np.stack([c, d], -1)], -2)

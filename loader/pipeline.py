@@ -1,0 +1,389 @@
+"""``from_manifest()``: one committed manifest version as a seeded, stratified ``tf.data`` pipeline.
+
+The pipeline reads as its stages: resolve and verify the version (``manifest``), choose rows (``sampling``),
+read and verify bytes (``images.Reader``, Python threads, read-ahead), decode/crop/resize in parallel
+(``images.decode``), batch, augment the batch (``augment``, on the GPU when one is visible), rescale and label.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from collections import deque
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+from fsspec.implementations.local import LocalFileSystem
+
+from loader import manifest as m
+from loader import sampling
+from loader.augment import PARAMS, Augment, sample_keys
+from loader.images import Reader, Skipped, decode, jpeg_scales, route
+from strata.errors import ConfigError, ImageError, ManifestError
+from strata.storage import open_url
+
+__all__ = ["from_manifest"]
+
+COLOR_MODES = {"rgb": 3, "grayscale": 1}
+RESCALES = ("0-1", "-1-1", "imagenet")
+LABEL_MODES = ("int", "categorical", None)
+ON_ERROR = ("raise", "skip")
+_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255.0
+_IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255.0
+_CHUNK = 256  # draws per generator step: amortises Python overhead; reads run two chunks ahead
+_AHEAD = 2
+
+
+def from_manifest(
+    uri: str,
+    version: int | str = "latest",
+    purpose: str | None = "train",
+    batch_size: int = 32,
+    image_size: tuple[int, int] | None = (224, 224),
+    keep_aspect_ratio: bool = False,
+    roi: tuple[int, int, int, int] | None = None,
+    color_mode: str = "rgb",
+    rescale: str | None = None,
+    label_mode: str | None = "int",
+    stratify_by: Sequence[str] | None = (m.CATEGORY,),
+    weighting: sampling.Weighting = "uniform",
+    balanced: tuple[int, int] | None = None,
+    shuffle: bool = True,
+    repeat: bool | int = False,
+    seed: int = 0,
+    augment: Augment | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    input_context: tf.distribute.InputContext | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    on_error: str = "raise",
+) -> tf.data.Dataset:
+    """A ``tf.data.Dataset`` of ``(images, labels)`` batches from one committed, verified manifest version.
+
+    Args:
+        uri: the dataset root (``s3://bucket/manifests/vials``, a local path) or one version's directory.
+        version: ``"latest"`` (highest committed version) or a version number.
+        purpose: ``"train"``, ``"devel"``, ``"test"``, or None for every row.
+        batch_size: images per batch; ignored with ``balanced``, whose batches hold classes x images.
+        image_size: ``(height, width)`` to resize to; None keeps the stored size (all images must share it).
+        keep_aspect_ratio: scale to fit inside ``image_size`` and pad with zeros (centred) instead of stretching.
+        roi: ``(y, x, h, w)`` crop in source pixels, applied before resizing.
+        color_mode: ``"rgb"`` (3 channels) or ``"grayscale"`` (1).
+        rescale: None keeps 0..255; ``"0-1"``, ``"-1-1"``, or ``"imagenet"`` (per-channel mean/std).
+        label_mode: ``"int"`` (int32 ``[B]``), ``"categorical"`` (one-hot float32 ``[B, K]``), or None.
+        stratify_by: manifest columns whose value combinations are the groups (strata); None: plain shuffle.
+        weighting: group draw weight from its size: uniform, count, sqrt, log (``ln(1+n)``),
+            logx+1 (``ln(n)+1``), or a callable ``count -> weight``.
+        balanced: ``(classes_per_batch, images_per_class)``: every batch holds exactly that many distinct
+            groups with that many images each.
+        shuffle: shuffle rows (plain) or the order in which a group's rows cycle (stratified).
+        repeat: False: one epoch; True: forever; an int: that many epochs. An epoch is one pass over the
+            rows (plain), as many draws as rows (stratified), or ``rows // batch`` batches (balanced).
+            Iterating the dataset again continues with the next epochs, so ``model.fit`` sees new orders.
+        seed: every random choice (order, draws, augmentation) derives from it.
+        augment: per-sample seeded augmentation, applied to each batch; on the first GPU when one is
+            visible (the batch is copied there first), otherwise on the CPU, with the same parameters.
+        cache_dir: local folder keeping remote image bytes by md5; later epochs and jobs read no remote
+            object again. Local sources are read in place.
+        input_context: ``tf.distribute.InputContext``: each input pipeline owns a disjoint share of the rows.
+        storage_options: fsspec options for remote manifests and images (endpoint, credentials); without
+            them the AWS environment applies.
+        on_error: ``"raise"``: a missing or changed image stops the pipeline with an error naming it;
+            ``"skip"``: it is logged, counted in ``dataset.skipped`` and left out (balanced batches take
+            another image of the same class instead).
+
+    Returns:
+        The dataset, with ``class_names`` (the label order: sorted categories of the whole version),
+        ``version`` (the version number read) and ``skipped`` attributes.
+
+    Raises:
+        ConfigError: an argument is malformed; ManifestError / IntegrityError: the version is missing,
+        uncommitted or tampered with.
+    """
+    channels = _check(locals())
+    resolved = m.open_version(uri, version, storage_options)
+    frame = m.read_table(resolved).to_pandas()
+    class_names = sorted(frame[m.CATEGORY].unique().tolist())
+    rows = _select(frame, purpose, resolved.uri)
+    image_size = tuple(image_size) if image_size is not None else None
+    shape = _output_shape(rows, image_size, roi, resolved.uri)
+
+    columns = tuple(stratify_by) if stratify_by else ((m.CATEGORY,) if balanced else ())
+    codes = rows.groupby(list(columns), sort=True).ngroup().to_numpy() if columns else np.zeros(len(rows), np.int64)
+    probabilities = sampling.group_probabilities(np.bincount(codes), weighting) if columns else np.ones(1)
+    workers, worker = (input_context.num_input_pipelines, input_context.input_pipeline_id) if input_context else (1, 0)
+    owned = sampling.shard_rows(len(rows), seed, workers, worker)
+
+    def draws(first_epoch: int) -> Iterator[sampling.Draws]:
+        if balanced:
+            return sampling.balanced(owned, codes, probabilities, *balanced, seed, shuffle, first_epoch)
+        if columns:
+            return sampling.weighted(owned, codes, probabilities, seed, shuffle, first_epoch)
+        return sampling.plain(owned, seed, shuffle, first_epoch)
+
+    draws(0)  # fail here, not at the first batch, when the sampler cannot work (too few classes)
+    image_fs, _ = open_url(rows[m.PATH].iloc[0], storage_options)
+    remote = not isinstance(image_fs, LocalFileSystem)
+    reader = Reader(
+        image_fs,
+        [image_fs._strip_protocol(p) for p in rows[m.PATH]],
+        rows[m.PATH].tolist(),
+        rows[m.MD5].tolist(),
+        cache_dir=cache_dir if remote else None,
+        threads=16 if remote else 4,
+    )
+    elements = _Elements(
+        rows=rows,
+        labels=np.searchsorted(class_names, rows[m.CATEGORY].to_numpy()).astype(np.int32),
+        scales=np.where(
+            rows[m.FORMAT].to_numpy() == "jpeg",
+            jpeg_scales(rows[m.WIDTH].to_numpy(), rows[m.HEIGHT].to_numpy(), image_size, roi, keep_aspect_ratio),
+            0,
+        ).astype(np.int32),
+        draws=draws,
+        epochs=sampling.epochs(repeat),
+        reader=reader,
+        augment=augment,
+        shape=shape,
+        seed=seed,
+        skip=on_error == "skip",
+        members=[owned[codes[owned] == c] for c in range(codes.max() + 1)] if balanced else None,
+    )
+
+    dataset = tf.data.Dataset.from_generator(elements, output_signature=elements.signature()).unbatch()
+    dataset = dataset.map(
+        lambda e: {**e, "image": decode(e["data"], e["how"], e["scale"], channels, image_size, keep_aspect_ratio, roi)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
+    dataset = dataset.map(lambda e: {k: v for k, v in e.items() if k not in ("data", "how", "scale")})
+    size = balanced[0] * balanced[1] if balanced else batch_size
+    dataset = dataset.batch(size, drop_remainder=bool(balanced))
+    if augment is not None:
+        gpus = tf.config.list_logical_devices("GPU")
+        dataset = _augmented(dataset, augment, gpus[0].name if gpus and input_context is None else None)
+    dataset = dataset.map(lambda e: _finish(e, rescale, label_mode, len(class_names), (*shape, channels)))
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    dataset = dataset.with_options(options)
+    dataset.class_names = class_names
+    dataset.version = resolved.number
+    dataset.skipped = elements.skipped
+    return dataset
+
+
+def _augmented(dataset: tf.data.Dataset, augment: Augment, device: str | None) -> tf.data.Dataset:
+    """Augment each batch, on ``device`` when given (the batch is copied there first), else in place."""
+
+    def apply(e: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        rest = {k: v for k, v in e.items() if k not in ("params", "noise_seed")}
+        return {**rest, "image": augment.apply(e["image"], e["params"], e["noise_seed"])}
+
+    if device is None:
+        return dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.apply(tf.data.experimental.copy_to_device(device))
+    with tf.device(device):
+        return dataset.map(apply)
+
+
+def _finish(
+    e: dict[str, tf.Tensor], rescale: str | None, label_mode: str | None, classes: int, shape: tuple[int, int, int]
+) -> Any:
+    """Rescale, fix the static shape, attach labels."""
+    channels = shape[-1]
+    images = tf.ensure_shape(e["image"], [None, *shape])
+    if rescale == "0-1":
+        images = images / 255.0
+    elif rescale == "-1-1":
+        images = images / 127.5 - 1.0
+    elif rescale == "imagenet":
+        mean, std = _IMAGENET_MEAN, _IMAGENET_STD
+        if channels == 1:
+            mean, std = mean.mean(keepdims=True), std.mean(keepdims=True)
+        images = (images - mean) / std
+    if label_mode is None:
+        return images
+    if label_mode == "categorical":
+        return images, tf.one_hot(e["label"], classes, dtype=tf.float32)
+    return images, e["label"]
+
+
+class _Elements:
+    """The generator behind the dataset: draws rows, reads their bytes ahead, yields chunks of elements.
+
+    Each iteration of the dataset calls it anew and continues with the next epochs, so repeated
+    iteration (``model.fit(epochs=...)``) sees fresh orders while every process sees the same sequence.
+    """
+
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        labels: np.ndarray,
+        scales: np.ndarray,
+        draws: Any,
+        epochs: int | None,
+        reader: Reader,
+        augment: Augment | None,
+        shape: tuple[int, int],
+        seed: int,
+        skip: bool,
+        members: list[np.ndarray] | None,
+    ) -> None:
+        self._uris = rows[m.PATH].to_numpy()
+        self._formats = rows[m.FORMAT].to_numpy()
+        self._md5s = rows[m.MD5].to_numpy()
+        self._labels = labels
+        self._scales = scales
+        self._draws = draws
+        self._epochs = epochs
+        self._reader = reader
+        self._augment = augment
+        self._shape = shape
+        self._seed = seed
+        self._skip = skip
+        self._members = members
+        self.skipped = Skipped()
+        self._iterations = 0
+        self._lock = threading.Lock()
+
+    def signature(self) -> dict[str, tf.TensorSpec]:
+        spec = {
+            "data": tf.TensorSpec([None], tf.string),
+            "how": tf.TensorSpec([None], tf.int32),
+            "scale": tf.TensorSpec([None], tf.int32),
+            "label": tf.TensorSpec([None], tf.int32),
+        }
+        if self._augment is not None:
+            spec["params"] = tf.TensorSpec([None, PARAMS], tf.float32)
+            spec["noise_seed"] = tf.TensorSpec([None, 2], tf.int64)
+        return spec
+
+    def __call__(self) -> Iterator[dict[str, np.ndarray]]:
+        with self._lock:
+            iteration, self._iterations = self._iterations, self._iterations + 1
+        first = iteration * self._epochs if self._epochs else 0
+        pending: deque = deque()
+        for rows, groups, epoch in self._chunks(first):
+            pending.append((rows, groups, epoch, self._reader.submit(rows)))
+            if len(pending) > _AHEAD:
+                yield self._element(*pending.popleft())
+        while pending:
+            yield self._element(*pending.popleft())
+
+    def _chunks(self, first_epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+        for draws in itertools.islice(self._draws(first_epoch), self._epochs):
+            for start in range(0, len(draws.rows), _CHUNK):
+                yield draws.rows[start : start + _CHUNK], draws.groups[start : start + _CHUNK], draws.epoch
+
+    def _element(self, rows: np.ndarray, groups: np.ndarray, epoch: int, reads: list) -> dict[str, np.ndarray]:
+        kept, data = [], []
+        for row, group, read in zip(rows.tolist(), groups.tolist(), reads, strict=False):
+            try:
+                data.append(read.result())
+                kept.append(row)
+            except ImageError as err:
+                if not self._skip:
+                    raise
+                self.skipped.add(self._uris[row], str(err))
+                if self._members is not None:  # balanced: keep the batch whole with another image of the class
+                    row, payload = self._substitute(row, group)
+                    kept.append(row)
+                    data.append(payload)
+        rows = np.asarray(kept, dtype=np.int64)
+        element = {
+            "data": np.asarray(data, dtype=object).reshape(-1),
+            "how": np.array([route(self._formats[r], d) for r, d in zip(rows, data, strict=False)], dtype=np.int32),
+            "scale": self._scales[rows],
+            "label": self._labels[rows],
+        }
+        if self._augment is not None:
+            keys = sample_keys(self._seed, self._md5s[rows], np.full(len(rows), epoch))
+            element["params"], element["noise_seed"] = self._augment.draw(keys, *self._shape)
+        return element
+
+    def _substitute(self, row: int, group: int) -> tuple[int, bytes]:
+        """The next readable image of the same group after ``row``, in manifest order."""
+        members = self._members[group]
+        start = int(np.searchsorted(members, row))
+        for other in np.roll(members, -start - 1).tolist():
+            if self._uris[other] in self.skipped.paths:
+                continue
+            try:
+                return other, self._reader.read(other)
+            except ImageError as err:
+                self.skipped.add(self._uris[other], str(err))
+        raise ImageError(f"every image of class group {group} is unreadable; see the warnings above")
+
+
+def _check(args: Mapping[str, Any]) -> int:
+    """Validate the arguments that need no manifest; return the channel count."""
+    if args["purpose"] is not None and args["purpose"] not in m.PURPOSES:
+        raise ConfigError(f"purpose {args['purpose']!r} is not one of {', '.join(m.PURPOSES)} or None")
+    if args["color_mode"] not in COLOR_MODES:
+        raise ConfigError(f"color_mode {args['color_mode']!r} is not one of {', '.join(COLOR_MODES)}")
+    if args["rescale"] is not None and args["rescale"] not in RESCALES:
+        raise ConfigError(f"rescale {args['rescale']!r} is not None or one of {', '.join(RESCALES)}")
+    if args["label_mode"] not in LABEL_MODES:
+        raise ConfigError(f"label_mode {args['label_mode']!r} is not 'int', 'categorical' or None")
+    if args["on_error"] not in ON_ERROR:
+        raise ConfigError(f"on_error {args['on_error']!r} is not 'raise' or 'skip'")
+    if not isinstance(args["batch_size"], int) or args["batch_size"] < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {args['batch_size']!r}")
+    size = args["image_size"]
+    if size is not None and (len(size) != 2 or any(not isinstance(v, int) or v < 1 for v in size)):
+        raise ConfigError(f"image_size must be None or (height, width) positive integers, got {size!r}")
+    roi = args["roi"]
+    if roi is not None and (len(roi) != 4 or any(not isinstance(v, int) for v in roi) or min(roi) < 0 or 0 in roi[2:]):
+        raise ConfigError(f"roi must be (y, x, h, w) with y, x >= 0 and h, w > 0, got {roi!r}")
+    balanced = args["balanced"]
+    if balanced is not None and (len(balanced) != 2 or any(not isinstance(v, int) or v < 1 for v in balanced)):
+        raise ConfigError(
+            f"balanced must be (classes_per_batch, images_per_class), positive integers, got {balanced!r}"
+        )
+    if args["augment"] is not None and not isinstance(args["augment"], Augment):
+        raise ConfigError(f"augment must be a loader.Augment, got {type(args['augment']).__name__}")
+    if args["stratify_by"] is not None:
+        if isinstance(args["stratify_by"], str):
+            raise ConfigError(f"stratify_by must be a sequence of columns, e.g. ({args['stratify_by']!r},)")
+        unknown = [c for c in args["stratify_by"] if c not in m.COLUMNS]
+        if unknown:
+            raise ConfigError(f"stratify_by names unknown columns {unknown}; manifest columns: {', '.join(m.COLUMNS)}")
+    sampling.epochs(args["repeat"])
+    return COLOR_MODES[args["color_mode"]]
+
+
+def _select(frame: pd.DataFrame, purpose: str | None, uri: str) -> pd.DataFrame:
+    rows = frame if purpose is None else frame[frame[m.PURPOSE] == purpose]
+    if rows.empty:
+        counts = frame[m.PURPOSE].value_counts().to_dict()
+        raise ManifestError(f"{uri} has no {purpose or ''} rows (rows per purpose: {counts or 'none'})")
+    return rows.reset_index(drop=True)
+
+
+def _output_shape(
+    rows: pd.DataFrame, image_size: tuple[int, int] | None, roi: tuple[int, int, int, int] | None, uri: str
+) -> tuple[int, int]:
+    """Check the crop fits every image and sizes agree when none is given; return the (height, width) out."""
+    if roi is not None:
+        y, x, h, w = roi
+        outside = rows[(rows[m.HEIGHT] < y + h) | (rows[m.WIDTH] < x + w)]
+        if not outside.empty:
+            first = outside.iloc[0]
+            raise ConfigError(
+                f"roi {roi} reaches outside {len(outside)} image(s) of {uri}, e.g. {first[m.KEY]} "
+                f"({first[m.WIDTH]}x{first[m.HEIGHT]}); choose a crop inside every image"
+            )
+    if image_size is not None:
+        return image_size
+    if roi is not None:
+        return roi[2], roi[3]
+    sizes = rows.groupby([m.HEIGHT, m.WIDTH]).size()
+    if len(sizes) > 1:
+        raise ConfigError(
+            f"image_size=None keeps stored sizes, but {uri} holds {len(sizes)} sizes "
+            f"({', '.join(f'{w}x{h}' for h, w in sizes.index[:4])}...); pass image_size=(height, width)"
+        )
+    return int(sizes.index[0][0]), int(sizes.index[0][1])

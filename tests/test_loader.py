@@ -1,0 +1,402 @@
+"""loader.from_manifest on hand-built manifests (written with the schema module) and real image bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import loader
+from loader import manifest as m
+from loader.augment import sample_keys
+from loader.pipeline import _augmented
+from loader.sampling import group_probabilities
+from strata.errors import ConfigError, IntegrityError, ManifestError
+from tests.conftest import VIAL, encode, picture
+
+REPO = Path(__file__).resolve().parents[1]
+EXTENSIONS = {"bmp": "bmp", "png": "png", "jpeg": "jpg", "gif": "gif", "tiff": "tif", "webp": "webp"}
+
+
+def constant(value: int, size: tuple[int, int] = (8, 8)) -> bytes:
+    """A grayscale PNG whose every pixel is ``value``: the sample's id survives decoding exactly."""
+    return encode(Image.new("L", size, value), "png")
+
+
+def publish(
+    root: str,
+    samples: list[tuple[str, bytes, str]],
+    dataset: str = "d",
+    version: int = 1,
+    fs: fsspec.AbstractFileSystem | None = None,
+) -> str:
+    """Write images and commit a manifest version of them, as the curation flow would.
+
+    Args:
+        samples: (key, bytes, purpose); the category is the key's first folder.
+    """
+    fs = fs or fsspec.filesystem("file")
+    rows = []
+    for key, data, purpose in samples:
+        path = f"{root}/images/{key}"
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height), bands = image.format.lower(), image.size, len(image.getbands())
+        rows.append(
+            {
+                m.PATH: fs.unstrip_protocol(path),
+                m.KEY: key,
+                m.FOLDER: key.rsplit("/", 1)[0],
+                m.CATEGORY: key.split("/", 1)[0],
+                m.SIZE: len(data),
+                m.ETAG: hashlib.md5(data).hexdigest(),
+                m.MD5: hashlib.md5(data).hexdigest(),
+                m.MTIME: pd.Timestamp(datetime(2026, 1, 1, tzinfo=UTC)),
+                m.FORMAT: fmt,
+                m.WIDTH: width,
+                m.HEIGHT: height,
+                m.CHANNELS: bands,
+                m.PHASH: np.uint64(0),
+                m.DUPLICATE_GROUP: None,
+                m.UNIQUE_ID: hashlib.md5(data).hexdigest(),
+                m.PURPOSE: purpose,
+                m.FIRST_VERSION: version,
+            }
+        )
+    parquet = m.parquet_bytes(m.to_table(pd.DataFrame(rows)))
+    directory = f"{root}/{dataset}/{m.version_dir(version)}"
+    fs.makedirs(directory, exist_ok=True)
+    fs.pipe_file(f"{directory}/{m.MANIFEST_FILE}", parquet)
+    record = {
+        "schema_version": m.SCHEMA_VERSION,
+        "dataset": dataset,
+        "version": version,
+        "sha256": hashlib.sha256(parquet).hexdigest(),
+    }
+    fs.pipe_file(f"{directory}/{m.COMMIT_FILE}", json.dumps(record).encode())
+    return f"{root}/{dataset}"
+
+
+def ids(batch: tf.Tensor) -> list[int]:
+    """The sample ids of a batch of ``constant`` images (image_size=None, grayscale, no augmentation)."""
+    return [int(v) for v in batch.numpy()[:, 0, 0, 0]]
+
+
+def sized_classes(sizes: dict[str, int]) -> list[tuple[str, bytes, str]]:
+    samples, value = [], 0
+    for category, count in sizes.items():
+        for _ in range(count):
+            samples.append((f"{category}/{value}.png", constant(value), "train"))
+            value += 1
+    return samples
+
+
+GRAY = {"image_size": None, "color_mode": "grayscale"}
+
+
+@pytest.fixture
+def classes(tmp_path: Path) -> str:
+    """Four classes of 40, 10, 4 and 1 constant images."""
+    return publish(str(tmp_path), sized_classes({"a": 40, "b": 10, "c": 4, "d": 1}))
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "count", "sqrt", "log", "logx+1", "callable"])
+def test_group_frequencies_follow_the_weights(classes: str, weighting: str) -> None:
+    chosen = (lambda n: n**2) if weighting == "callable" else weighting
+    ds = loader.from_manifest(classes, batch_size=100, weighting=chosen, repeat=True, **GRAY)
+    labels = np.concatenate([y.numpy() for _, y in ds.take(20)])
+    frequencies = np.bincount(labels, minlength=4) / len(labels)
+    expected = group_probabilities([40, 10, 4, 1], chosen)
+    assert len(labels) == 2000
+    assert np.abs(frequencies - expected).max() <= 0.05, (frequencies, expected)
+
+
+def test_within_a_group_samples_cycle_through_every_member(classes: str) -> None:
+    ds = loader.from_manifest(classes, batch_size=100, repeat=True, **GRAY)
+    drawn = Counter(v for x, y in ds.take(10) for v, label in zip(ids(x), y.numpy(), strict=True) if label == 1)
+    assert sorted(drawn) == list(range(40, 50))  # class b's ten samples
+    assert max(drawn.values()) - min(drawn.values()) <= 1
+
+
+def test_plain_epochs_yield_every_sample_exactly_once(classes: str) -> None:
+    one = [v for x, _ in loader.from_manifest(classes, stratify_by=None, batch_size=16, **GRAY) for v in ids(x)]
+    assert sorted(one) == list(range(55))
+    two = [
+        v for x, _ in loader.from_manifest(classes, stratify_by=None, batch_size=16, repeat=2, **GRAY) for v in ids(x)
+    ]
+    assert sorted(two[:55]) == sorted(two[55:]) == list(range(55)) and two[:55] != two[55:]
+    ordered = [v for x, _ in loader.from_manifest(classes, stratify_by=None, shuffle=False, **GRAY) for v in ids(x)]
+    assert ordered == list(range(55))
+
+
+def test_iterating_again_continues_with_the_next_epoch(classes: str) -> None:
+    ds = loader.from_manifest(classes, stratify_by=None, batch_size=64, **GRAY)
+    first, second = ([v for x, _ in ds for v in ids(x)] for _ in range(2))
+    assert sorted(first) == sorted(second) and first != second
+    again = loader.from_manifest(classes, stratify_by=None, batch_size=64, **GRAY)
+    assert [v for x, _ in again for v in ids(x)] == first
+
+
+def test_balanced_batches_hold_exactly_the_asked_classes(classes: str) -> None:
+    ds = loader.from_manifest(classes, balanced=(3, 4), repeat=3, **GRAY)
+    batches = list(ds)
+    assert len(batches) == 3 * (55 // 12)
+    for images, labels in batches:
+        assert images.shape == (12, 8, 8, 1)
+        counts = np.bincount(labels.numpy(), minlength=4)
+        assert sorted(counts[counts > 0]) == [4, 4, 4] and (counts > 0).sum() == 3
+    with pytest.raises(ConfigError, match="4 class"):
+        loader.from_manifest(classes, balanced=(5, 2), **GRAY)
+
+
+def test_another_seed_gives_another_order(classes: str) -> None:
+    def order(seed: int) -> list[int]:
+        return [v for x, _ in loader.from_manifest(classes, batch_size=55, seed=seed, **GRAY) for v in ids(x)]
+
+    assert order(1) == order(1) != order(2)
+
+
+DETERMINISM_SCRIPT = """
+import hashlib, sys
+import loader
+ds = loader.from_manifest(sys.argv[1], batch_size=7, image_size=(48, 40), repeat=2, seed=5,
+                          augment=loader.Augment(flip=0.5, rotate=0.5, scale=0.5, brightness=0.5, hue=0.5, noise=0.5))
+digest = hashlib.sha256()
+for images, labels in ds:
+    digest.update(images.numpy().tobytes()); digest.update(labels.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_same_arguments_give_bit_identical_batches_in_another_process(tmp_path: Path) -> None:
+    samples = [
+        (f"{c}/{i}.{ext}", encode(picture(i + 10 * k), ext), "train")
+        for k, c in enumerate("ab")
+        for i, ext in enumerate(["png", "jpg", "bmp", "webp", "png"])
+    ]
+    root = publish(str(tmp_path), samples)
+    script = tmp_path / "digest.py"
+    script.write_text(DETERMINISM_SCRIPT)
+    digests = {
+        subprocess.run(
+            [sys.executable, str(script), root], capture_output=True, text=True, check=True, cwd=REPO
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    here = subprocess.run(
+        [sys.executable, "-c", DETERMINISM_SCRIPT, root], capture_output=True, text=True, check=True, cwd=REPO
+    ).stdout.strip()
+    assert len(digests) == 1 and here in digests and len(here) == 64
+
+
+def test_augmentation_depends_only_on_seed_sample_and_epoch(tmp_path: Path) -> None:
+    samples = [("one/0.png", encode(picture(1), "png"), "train")] + [
+        (f"many/{i}.png", encode(picture(i + 2), "png"), "train") for i in range(9)
+    ]
+    root = publish(str(tmp_path), samples)
+    augment = loader.Augment(flip=0.5, rotate=1.0, brightness=1.0, noise=1.0, contrast=0.5)
+
+    def single(seed: int) -> list[np.ndarray]:
+        """The lone sample of class 'one', every time epoch 0 drew it (10 draws per epoch)."""
+        ds = loader.from_manifest(root, batch_size=10, image_size=(32, 32), augment=augment, seed=seed, repeat=2)
+        return [[x for x, y in zip(images.numpy(), labels.numpy(), strict=True) if y == 1] for images, labels in ds]
+
+    epoch0, epoch1 = single(3)
+    assert len(epoch0) >= 2 and len(epoch1) >= 1
+    assert all(np.array_equal(x, epoch0[0]) for x in epoch0)  # same sample, same epoch: same pixels
+    assert not np.array_equal(epoch1[0], epoch0[0])  # next epoch: new augmentation
+    assert not np.array_equal(single(4)[0][0], epoch0[0])  # other seed: other pixels
+    original = next(iter(loader.from_manifest(root, batch_size=10, image_size=(32, 32), seed=3)))[0].numpy()
+    assert not np.array_equal(epoch0[0], original[0])
+
+
+def test_augmentation_ignores_batch_position_and_device() -> None:
+    augment = loader.Augment(
+        flip=0.5, rotate90=0.5, rotate=0.5, shear=0.5, translate=0.5, saturation=0.5, hue=0.5, noise=0.5
+    )
+    image = np.asarray(Image.open(VIAL).convert("RGB").resize((32, 32)), dtype=np.float32)
+    images = np.stack([image, image[::-1], image[:, ::-1], image * 0.5])
+    keys = sample_keys(7, np.array([f"{i:032x}" for i in range(4)]), np.zeros(4, dtype=np.int64))
+    params, seeds = augment.draw(keys, 32, 32)
+    forward = augment.apply(tf.constant(images), tf.constant(params), tf.constant(seeds)).numpy()
+    backward = augment.apply(tf.constant(images[::-1]), tf.constant(params[::-1]), tf.constant(seeds[::-1])).numpy()
+    np.testing.assert_array_equal(forward, backward[::-1])
+    batch = tf.data.Dataset.from_tensors({"image": images, "params": params, "noise_seed": seeds})
+    copied = next(iter(_augmented(batch, augment, "/cpu:0")))["image"].numpy()  # the GPU path, on the CPU
+    np.testing.assert_array_equal(copied, forward)
+
+
+def test_identity_draws_keep_exact_pixels_and_flips_are_exact() -> None:
+    image = np.asarray(Image.open(VIAL).convert("RGB").resize((24, 24)), dtype=np.float32)[None]
+    keys = sample_keys(0, np.array(["0" * 32]), np.zeros(1, dtype=np.int64))
+    untouched = loader.Augment(rotate=0.0, brightness=0.0)
+    np.testing.assert_array_equal(
+        untouched.apply(tf.constant(image), *map(tf.constant, untouched.draw(keys, 24, 24))).numpy(), image
+    )
+    flip = loader.Augment(flip=1.0)
+    np.testing.assert_array_equal(
+        flip.apply(tf.constant(image), *map(tf.constant, flip.draw(keys, 24, 24))).numpy(), image[:, :, ::-1]
+    )
+
+
+def test_workers_see_disjoint_shares_that_cover_an_epoch(classes: str) -> None:
+    seen = []
+    for worker in range(3):
+        context = tf.distribute.InputContext(num_input_pipelines=3, input_pipeline_id=worker)
+        seen.append(
+            [
+                v
+                for x, _ in loader.from_manifest(classes, stratify_by=None, input_context=context, **GRAY)
+                for v in ids(x)
+            ]
+        )
+    assert sum(len(s) for s in seen) == 55 and sorted(sum(seen, [])) == list(range(55))
+    stratified = []
+    for worker in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=worker)
+        stratified.append({v for x, _ in loader.from_manifest(classes, input_context=context, **GRAY) for v in ids(x)})
+    assert not stratified[0] & stratified[1]
+
+
+def test_decodes_every_format_like_pillow(tmp_path: Path) -> None:
+    image = picture(3, size=(40, 30))
+    samples = [(f"{fmt}/x.{ext}", encode(image, ext), "train") for fmt, ext in EXTENSIONS.items()]
+    samples.append(("bmp_palette/x.bmp", encode(image.convert("P"), "bmp"), "train"))
+    samples.append(("gray/x.png", encode(image.convert("L"), "png"), "train"))
+    root = publish(str(tmp_path), samples)
+    ds = loader.from_manifest(
+        root, purpose=None, stratify_by=None, shuffle=False, batch_size=len(samples), image_size=None
+    )
+    images, labels = next(iter(ds))
+    for (key, data, _), pixels in zip(samples, images.numpy(), strict=True):
+        reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32)
+        tolerance = 8 if key.startswith("jpeg") else 0
+        assert np.abs(pixels - reference).max() <= tolerance, key
+
+
+def test_large_jpegs_decode_at_reduced_scale_without_losing_quality(tmp_path: Path) -> None:
+    data = encode(Image.open(VIAL).convert("RGB").resize((640, 480)), "jpg", quality=90)
+    root = publish(str(tmp_path), [("a/big.jpg", data, "train")])
+    fast = next(iter(loader.from_manifest(root, batch_size=1)))[0].numpy()[0]
+    full = tf.image.resize(tf.io.decode_jpeg(data, channels=3), (224, 224), antialias=True).numpy()
+    assert fast.shape == (224, 224, 3)
+    assert np.abs(fast - full).mean() < 3.0
+
+
+def test_roi_resize_pad_rescale_and_labels(tmp_path: Path) -> None:
+    pixels = np.arange(40 * 60, dtype=np.uint32).reshape(40, 60) % 251
+    data = encode(Image.fromarray(pixels.astype(np.uint8), "L"), "png")
+    root = publish(str(tmp_path), [("b/x.png", data, "devel"), ("a/y.png", data, "train"), ("c/z.png", data, "train")])
+    assert loader.class_names(root) == ["a", "b", "c"]
+    crop = next(
+        iter(loader.from_manifest(root, purpose="devel", image_size=None, roi=(5, 10, 20, 30), color_mode="grayscale"))
+    )
+    np.testing.assert_array_equal(crop[0].numpy()[0, ..., 0], pixels[5:25, 10:40])
+    padded, onehot = next(
+        iter(
+            loader.from_manifest(
+                root,
+                purpose="devel",
+                image_size=(30, 30),
+                keep_aspect_ratio=True,
+                label_mode="categorical",
+                rescale="0-1",
+            )
+        )
+    )
+    assert padded.shape == (1, 30, 30, 3) and onehot.numpy().tolist() == [[0.0, 1.0, 0.0]]
+    assert padded.numpy()[0, :5].max() == 0.0 and padded.numpy()[0, 10].max() > 0.0 and padded.numpy().max() <= 1.0
+    only_images = next(iter(loader.from_manifest(root, purpose="devel", label_mode=None, rescale="-1-1")))
+    assert only_images.shape == (1, 224, 224, 3) and only_images.numpy().min() >= -1.0
+    with pytest.raises(ConfigError, match="roi .* reaches outside 1 image"):
+        loader.from_manifest(root, purpose="devel", roi=(30, 0, 20, 20))
+
+
+def test_tampered_and_uncommitted_versions_are_refused(tmp_path: Path) -> None:
+    root = publish(str(tmp_path), sized_classes({"a": 3}))
+    parquet = Path(root) / "v000001" / m.MANIFEST_FILE
+    frame = pd.read_parquet(parquet)
+    frame.loc[0, m.PURPOSE] = "devel"
+    parquet.write_bytes(m.parquet_bytes(m.to_table(frame)))
+    with pytest.raises(IntegrityError, match="v000001/manifest.parquet does not match its manifest.json"):
+        loader.from_manifest(root, **GRAY)
+    (Path(root) / "v000002").mkdir()
+    (Path(root) / "v000002" / m.MANIFEST_FILE).write_bytes(b"half written")
+    with pytest.raises(ManifestError, match="version 2 of .* exists but is not committed"):
+        loader.from_manifest(root, version=2, **GRAY)
+
+
+def test_missing_or_changed_images_raise_naming_the_path_or_are_skipped(tmp_path: Path) -> None:
+    root = publish(str(tmp_path), sized_classes({"a": 6, "b": 6}))
+    missing, changed = tmp_path / "images" / "a" / "2.png", tmp_path / "images" / "b" / "8.png"
+    changed.write_bytes(constant(99))
+    with pytest.raises(tf.errors.OpError, match="b/8.png changed since it was curated"):
+        list(loader.from_manifest(root, stratify_by=None, **GRAY))
+    missing.unlink()
+    with pytest.raises(tf.errors.OpError, match="a/2.png is listed in the manifest but does not exist"):
+        list(loader.from_manifest(root, stratify_by=None, shuffle=False, **GRAY))
+    ds = loader.from_manifest(root, stratify_by=None, on_error="skip", **GRAY)
+    assert sorted(v for x, _ in ds for v in ids(x)) == [0, 1, 3, 4, 5, 6, 7, 9, 10, 11]
+    assert ds.skipped.count == 2 and any(p.endswith("a/2.png") for p in ds.skipped.paths)
+    balanced = loader.from_manifest(root, balanced=(2, 3), on_error="skip", repeat=2, **GRAY)
+    assert all(x.shape[0] == 6 and 2 not in ids(x) and 8 not in ids(x) for x, _ in balanced)
+
+
+def test_arguments_are_checked_with_clear_messages(classes: str) -> None:
+    for kwargs, message in [
+        ({"purpose": "validation"}, "purpose 'validation' is not one of"),
+        ({"weighting": "cubic"}, "weighting 'cubic' is not one of"),
+        ({"balanced": (2,)}, "balanced must be"),
+        ({"stratify_by": "category"}, r"stratify_by must be a sequence of columns, e.g. \('category',\)"),
+        ({"stratify_by": ("colour",)}, "unknown columns"),
+        ({"repeat": 0}, "repeat must be"),
+        ({"rescale": "0-255"}, "rescale '0-255'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            loader.from_manifest(classes, **{**GRAY, **kwargs})
+    with pytest.raises(ManifestError, match="has no test rows"):
+        loader.from_manifest(classes, purpose="test", **GRAY)
+    with pytest.raises(ConfigError, match="a probability must lie between 0 and 1"):
+        loader.Augment(flip=2)
+
+
+def test_reads_s3_manifests_and_caches_image_bytes(s3: fsspec.AbstractFileSystem, tmp_path: Path) -> None:
+    root = publish("s3://strata-test/data", sized_classes({"a": 5, "b": 4}), fs=s3)
+    cache = tmp_path / "cache"
+    first = [v for x, _ in loader.from_manifest(root, stratify_by=None, cache_dir=cache, **GRAY) for v in ids(x)]
+    assert sorted(first) == list(range(9)) and len(list(cache.glob("*/*"))) == 9
+    s3.rm("strata-test/data/images", recursive=True)  # a second job reads no remote object again
+    again = loader.from_manifest(root, stratify_by=None, cache_dir=cache, **GRAY)
+    assert [v for x, _ in again for v in ids(x)] == first
+    with pytest.raises(tf.errors.OpError, match="s3://strata-test/data/images/.* does not exist"):
+        list(loader.from_manifest(root, stratify_by=None, **GRAY))
+
+
+def test_loader_imports_without_prefect_or_great_expectations(classes: str) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys
+        for name in ("prefect", "great_expectations"):
+            sys.modules[name] = None  # any import of them now fails
+        import loader
+        ds = loader.from_manifest({classes!r}, batch_size=55, image_size=None, color_mode="grayscale")
+        print(sum(int(y.shape[0]) for _, y in ds))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "55"
