@@ -20,12 +20,14 @@ from strata.errors import ConfigError
 
 __all__ = ["Augment", "sample_keys", "PARAMS"]
 
-# Layout of a sample's parameter row.
+# Layout of a sample's parameter row. Values are neutral (0, or the identity) where a transform missed.
 _WARP = slice(0, 8)  # ImageProjectiveTransformV3 row: output (x, y) -> input (x, y)
-_BRIGHTNESS, _CONTRAST, _HUE, _SATURATION = 8, 9, 10, 11
-_ON_BRIGHTNESS, _ON_CONTRAST, _ON_COLOUR, _ON_NOISE = 12, 13, 14, 15
-PARAMS = 16
+_COLOUR = slice(8, 17)  # 3x3 matrix on RGB: saturation and hue (a rotation about the grey axis, in YIQ)
+_BRIGHTNESS, _CONTRAST, _NOISE = 17, 18, 19  # added value, contrast factor - 1, noise on (1) or off (0)
+PARAMS = 20
 
+_LUMA = np.array([0.299, 0.587, 0.114])
+_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MASK = (1 << 64) - 1
 
@@ -174,6 +176,7 @@ class Augment:
         offset = centre - np.einsum("nij,nj->ni", inverse, centre + shift)
 
         params = np.zeros((n, PARAMS), dtype=np.float64)
+        zeros = np.zeros(n)
         params[:, _WARP] = np.stack(
             [
                 inverse[:, 0, 0],
@@ -182,33 +185,47 @@ class Augment:
                 inverse[:, 1, 0],
                 inverse[:, 1, 1],
                 offset[:, 1],
-                np.zeros(n),
-                np.zeros(n),
+                zeros,
+                zeros,
             ],
             axis=1,
         )
-        params[:, _ON_BRIGHTNESS] = hit(14, self.brightness)
-        params[:, _BRIGHTNESS] = symmetric(15, self.max_brightness) * 255.0
-        params[:, _ON_CONTRAST] = hit(16, self.contrast)
-        params[:, _CONTRAST] = self.contrast_range[0] + u(17) * (self.contrast_range[1] - self.contrast_range[0])
-        on_hue, on_saturation = hit(18, self.hue), hit(20, self.saturation)
-        params[:, _HUE] = np.where(on_hue, symmetric(19, self.max_hue), 0.0)
-        low, high = self.saturation_range
-        params[:, _SATURATION] = np.where(on_saturation, low + u(21) * (high - low), 1.0)
-        params[:, _ON_COLOUR] = on_hue | on_saturation
-        params[:, _ON_NOISE] = hit(22, self.noise)
+        params[:, _COLOUR] = self._colour(u, hit).reshape(n, 9)
+        params[:, _BRIGHTNESS] = np.where(hit(14, self.brightness), symmetric(15, self.max_brightness) * 255.0, 0.0)
+        low, high = self.contrast_range
+        params[:, _CONTRAST] = np.where(hit(16, self.contrast), low + u(17) * (high - low) - 1.0, 0.0)
+        params[:, _NOISE] = hit(22, self.noise)
         with np.errstate(over="ignore"):
             seeds = _splitmix64(keys + np.uint64(23) * _GOLDEN)
         noise_seeds = np.stack([seeds >> np.uint64(32), seeds & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
         return params.astype(np.float32), noise_seeds
 
+    def _colour(self, u: _Uniforms, hit: object) -> np.ndarray:
+        """Per-sample 3x3 matrices ``M`` (pixels as rows: ``rgb @ M``): hue rotation, then saturation."""
+        angle = np.where(hit(18, self.hue), (2.0 * u(19) - 1.0) * self.max_hue * 2.0 * np.pi, 0.0)
+        cos, sin = np.cos(angle), np.sin(angle)
+        rotation = np.zeros((len(angle), 3, 3))
+        rotation[:, 0, 0] = 1.0
+        rotation[:, 1, 1], rotation[:, 1, 2], rotation[:, 2, 1], rotation[:, 2, 2] = cos, -sin, sin, cos
+        hue = np.linalg.inv(_TO_YIQ) @ rotation @ _TO_YIQ  # acts on column vectors
+        low, high = self.saturation_range
+        factor = np.where(hit(20, self.saturation), low + u(21) * (high - low), 1.0)[:, None, None]
+        saturation = factor * np.eye(3) + (1.0 - factor) * _LUMA[None, :]  # grey + factor * (rgb - grey)
+        matrices = np.swapaxes(saturation @ hue, 1, 2)
+        untouched = (angle == 0.0) & (factor[:, 0, 0] == 1.0)
+        matrices[untouched] = np.eye(3)  # exactly the identity, so untouched pixels stay bit-exact
+        return matrices
+
     def apply(self, images: tf.Tensor, params: tf.Tensor, noise_seeds: tf.Tensor) -> tf.Tensor:
-        """Augment a float32 batch ``[B, H, W, C]`` in 0..255 with its drawn parameters; returns 0..255."""
-        on = {
-            i: tf.reshape(params[:, i] > 0.5, [-1, 1, 1, 1])
-            for i in (_ON_BRIGHTNESS, _ON_CONTRAST, _ON_COLOUR, _ON_NOISE)
-        }
-        value = {i: tf.reshape(params[:, i], [-1, 1, 1, 1]) for i in (_BRIGHTNESS, _CONTRAST, _HUE, _SATURATION)}
+        """Augment a float32 batch ``[B, H, W, C]`` in 0..255 with its drawn parameters; returns 0..255.
+
+        Neutral parameters leave a sample's pixels bit-exact: every step adds ``0`` or multiplies by an exact
+        identity (masked arithmetic, which TensorFlow runs far faster than a broadcast ``tf.where``).
+        """
+
+        def column(index: int) -> tf.Tensor:
+            return tf.reshape(params[:, index], [-1, 1, 1, 1])
+
         if self.geometric:
             images = tf.raw_ops.ImageProjectiveTransformV3(
                 images=images,
@@ -218,17 +235,13 @@ class Augment:
                 interpolation="BILINEAR",
                 fill_mode="REFLECT",
             )
+        if (self.hue > 0 or self.saturation > 0) and images.shape[-1] == 3:
+            images = tf.einsum("bhwc,bcd->bhwd", images, tf.reshape(params[:, _COLOUR], [-1, 3, 3]))
         if self.brightness > 0:
-            images = tf.where(on[_ON_BRIGHTNESS], images + value[_BRIGHTNESS], images)
+            images = images + column(_BRIGHTNESS)
         if self.contrast > 0:
             mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-            images = tf.where(on[_ON_CONTRAST], (images - mean) * value[_CONTRAST] + mean, images)
-        if (self.hue > 0 or self.saturation > 0) and images.shape[-1] == 3:
-            hsv = tf.image.rgb_to_hsv(tf.clip_by_value(images, 0.0, 255.0) / 255.0)
-            hue = tf.math.floormod(hsv[..., 0:1] + value[_HUE], 1.0)
-            saturation = tf.clip_by_value(hsv[..., 1:2] * value[_SATURATION], 0.0, 1.0)
-            coloured = tf.image.hsv_to_rgb(tf.concat([hue, saturation, hsv[..., 2:3]], axis=-1)) * 255.0
-            images = tf.where(on[_ON_COLOUR], coloured, images)
+            images = images + (images - mean) * column(_CONTRAST)
         if self.noise > 0:
             shape = tf.shape(images)[1:]
             noise = tf.map_fn(
@@ -236,7 +249,7 @@ class Augment:
                 noise_seeds,
                 fn_output_signature=tf.float32,
             )
-            images = tf.where(on[_ON_NOISE], images + noise * (self.noise_stddev * 255.0), images)
+            images = images + noise * (column(_NOISE) * (self.noise_stddev * 255.0))
         return tf.clip_by_value(images, 0.0, 255.0)
 
 

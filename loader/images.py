@@ -93,8 +93,8 @@ def decode(
 ) -> tf.Tensor:
     """Decode, crop and resize one image in the graph; float32 ``[H, W, C]`` in 0..255.
 
-    Resizing is bilinear with antialiasing; ``keep_aspect_ratio`` scales to fit and pads with zeros
-    (centred), so no pixel of the object is cut away.
+    Resizing is bilinear (antialiased when shrinking more than 2x); ``keep_aspect_ratio`` scales to fit and
+    pads with zeros (centred), so no pixel of the object is cut away.
     """
 
     def jpeg() -> tf.Tensor:
@@ -115,9 +115,21 @@ def decode(
         image = image[y : y + h, x : x + w]
     if image_size is None:
         return tf.cast(image, tf.float32)
+    # Antialiasing costs more than the decode; it matters only when shrinking by more than 2x (a reduced-scale
+    # JPEG never is: its DCT scaling already averaged the pixels away). Resizing float input is ~1.6x faster
+    # than resizing uint8 in TensorFlow's kernel.
+    source = tf.shape(image)[:2]
+    image = tf.cast(image, tf.float32)
+    shrinks = tf.reduce_any(source > 2 * tf.constant(image_size, tf.int32))
     if keep_aspect_ratio:
-        return tf.image.resize_with_pad(image, image_size[0], image_size[1], antialias=True)
-    return tf.image.resize(image, image_size, antialias=True)
+        return tf.cond(
+            shrinks,
+            lambda: tf.image.resize_with_pad(image, image_size[0], image_size[1], antialias=True),
+            lambda: tf.image.resize_with_pad(image, image_size[0], image_size[1]),
+        )
+    return tf.cond(
+        shrinks, lambda: tf.image.resize(image, image_size, antialias=True), lambda: tf.image.resize(image, image_size)
+    )
 
 
 @dataclass

@@ -7,8 +7,10 @@ Layout of a dataset root (see DESIGN section 2)::
     <root>/<dataset>/v000001/manifest.parquet
                             /rejects.parquet
                             /validation.json
+                            /sample_grid.png
                             /manifest.json      <- written last, exclusive create: the commit
     <root>/<dataset>/LATEST                     <- {"version": N, "sha256": ...}, a hint
+    <root>/<dataset>/_rejected/<run id>/validation.json   <- a candidate that failed validation
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ VALIDATION_FILE = "validation.json"
 COMMIT_FILE = "manifest.json"
 CLAIM_FILE = "_claim.json"
 LATEST_FILE = "LATEST"
+GRID_FILE = "sample_grid.png"  # a few images per category and purpose, for people
+REJECTED_DIR = "_rejected"  # <dataset>/_rejected/<run id>/validation.json: candidates that failed validation
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 

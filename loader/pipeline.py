@@ -161,6 +161,9 @@ def from_manifest(
     dataset = dataset.map(lambda e: {k: v for k, v in e.items() if k not in ("data", "how", "scale")})
     size = balanced[0] * balanced[1] if balanced else batch_size
     dataset = dataset.batch(size, drop_remainder=bool(balanced))
+    batches = _batches(len(owned), size, sampling.epochs(repeat), bool(balanced))
+    if batches is not None and (balanced or on_error == "raise"):  # skipping makes the count unknowable
+        dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))  # Keras sizes epochs by it
     if augment is not None:
         gpus = tf.config.list_logical_devices("GPU")
         dataset = _augmented(dataset, augment, gpus[0].name if gpus and input_context is None else None)
@@ -173,6 +176,15 @@ def from_manifest(
     dataset.version = resolved.number
     dataset.skipped = elements.skipped
     return dataset
+
+
+def _batches(rows: int, size: int, epochs: int | None, balanced: bool) -> int | None:
+    """How many batches a finite pipeline yields: draws run across epoch ends, only the last batch is short."""
+    if epochs is None:
+        return None
+    if balanced:
+        return max(1, rows // size) * epochs
+    return -(-rows * epochs // size)
 
 
 def _augmented(dataset: tf.data.Dataset, augment: Augment, device: str | None) -> tf.data.Dataset:

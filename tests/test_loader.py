@@ -133,8 +133,9 @@ def test_within_a_group_samples_cycle_through_every_member(classes: str) -> None
 
 
 def test_plain_epochs_yield_every_sample_exactly_once(classes: str) -> None:
-    one = [v for x, _ in loader.from_manifest(classes, stratify_by=None, batch_size=16, **GRAY) for v in ids(x)]
-    assert sorted(one) == list(range(55))
+    ds = loader.from_manifest(classes, stratify_by=None, batch_size=16, **GRAY)
+    one = [v for x, _ in ds for v in ids(x)]
+    assert sorted(one) == list(range(55)) and int(ds.cardinality()) == 4  # Keras sizes its epochs by it
     two = [
         v for x, _ in loader.from_manifest(classes, stratify_by=None, batch_size=16, repeat=2, **GRAY) for v in ids(x)
     ]
@@ -400,3 +401,16 @@ def test_loader_imports_without_prefect_or_great_expectations(classes: str) -> N
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "55"
+
+
+def test_example_curates_the_demo_and_trains_one_epoch(tmp_path: Path) -> None:
+    import importlib.util
+
+    from strata.cli import main
+
+    spec = importlib.util.spec_from_file_location("train_vials", REPO / "examples" / "train_vials.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert main(["demo", "--manifests", str(tmp_path), "--quiet"]) == 0
+    metrics = example.train(str(tmp_path), epochs=1)
+    assert set(metrics) >= {"loss", "accuracy"} and np.isfinite(metrics["loss"])
