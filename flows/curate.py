@@ -18,8 +18,8 @@ from tasks.duplicates import duplicates_task
 from tasks.expectations import validate_task
 from tasks.inspect import inspect_task
 from tasks.listing import list_task
-from tasks.publish import Candidate, Store, publish_task
-from tasks.report import CurateSummary, report_task
+from tasks.publish import Candidate, Store, publish_task, reject_task
+from tasks.report import CurateSummary, grid_task, report_task
 from tasks.split import split_task, unique_ids
 
 COMMIT_ATTEMPTS = 3
@@ -139,13 +139,16 @@ def curate_dataset(
             return report_task(store, parent, None, candidate, listing, parameters=recorded, no_change=True)
         validation = validate_task(candidate, parent, options)
         if not validation["success"]:
+            kept = reject_task(store, str(flow_run.id), validation)
             report_task(store, parent, None, candidate, listing, parameters=recorded, validation=validation)
             raise ValidationFailed(
-                f"{store.uri}: the candidate manifest failed validation; nothing was published. {validation['summary']}"
+                f"{store.uri}: the candidate manifest failed validation; nothing was published "
+                f"(result kept at {kept}). {validation['summary']}"
             )
+        grid = {m.GRID_FILE: grid_task(source_fs, candidate.manifest)}
         fields = {"dataset": dataset, "source": source_uri, "parameters": recorded, "flow_run_id": flow_run.id}
         try:
-            version, uri = publish_task(store, candidate, parent.version, validation, fields, str(flow_run.id))
+            version, uri = publish_task(store, candidate, parent.version, validation, fields, str(flow_run.id), grid)
         except CommitConflict as err:
             if attempt == COMMIT_ATTEMPTS:
                 raise CommitConflict(f"{err}; gave up after {attempt} attempts: re-run the flow") from err

@@ -52,6 +52,20 @@ def _add_curate_options(parser: argparse.ArgumentParser) -> None:
         help="phash Hamming distance that counts as a near duplicate; -1 turns it off (default: %(default)s)",
     )
     parser.add_argument(
+        "--fraction-tolerance",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="validation: largest accepted |train fraction - target| per stratum (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--min-stratum",
+        type=int,
+        default=20,
+        metavar="N",
+        help="validation: strata with fewer samples are exempt from the fraction check (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-pixels",
         type=int,
         default=100_000_000,
@@ -86,6 +100,8 @@ def _options(args: argparse.Namespace) -> Any:
             uniqueness=args.uniqueness,
             near_duplicates=args.near_duplicates,
             max_pixels=args.max_pixels,
+            fraction_tolerance=args.fraction_tolerance,
+            min_stratum=args.min_stratum,
             storage_options=dict(args.storage_option),
         )
     except ValidationError as err:
@@ -157,6 +173,28 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from loader import manifest as m
+    from tasks.diff import manifest_diff
+
+    options = dict(args.storage_option)
+    before, after = (m.read_manifest(args.dataset, v, options) for v in (args.a, args.b))
+    changes = manifest_diff(before, after)
+    moved = changes["purpose_before"].notna() & changes["purpose_after"].notna()
+    moved &= changes["purpose_before"] != changes["purpose_after"]
+    print(f"{args.dataset}: version {args.a} ({len(before)} samples) -> version {args.b} ({len(after)} samples)")
+    for change, mark in (("added", "+"), ("removed", "-"), ("changed", "~")):
+        rows = changes[changes["change"] == change]
+        print(f"{change}: {len(rows)}")
+        for row in rows.itertuples(index=False):
+            purpose = row.purpose_after if change != "removed" else row.purpose_before
+            print(f"  {mark} {row.key}  ({row.category}, {purpose})")
+    print(f"purpose changes: {int(moved.sum())}" + ("" if moved.any() else " (purposes are sticky)"))
+    for row in changes[moved].itertuples(index=False):
+        print(f"  ! {row.key}: {row.purpose_before} -> {row.purpose_after}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strata",
@@ -217,6 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="fsspec option for remote URLs (repeatable)",
     )
     show.set_defaults(handler=cmd_show)
+
+    diff = commands.add_parser(
+        "diff",
+        help="list samples added, removed and changed between two versions, and any purpose changes",
+        description="Compare two committed versions of a dataset sample by sample. Purposes are sticky: "
+        "a key kept in both versions never changes purpose, so any listed purpose change needs a look.",
+    )
+    diff.add_argument("dataset", metavar="ROOT/NAME", help="dataset URI, e.g. manifests/vials")
+    diff.add_argument("a", type=int, metavar="A", help="the older version")
+    diff.add_argument("b", type=int, metavar="B", help="the newer version")
+    diff.add_argument(
+        "--storage-option",
+        action="append",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="fsspec option for remote URLs (repeatable)",
+    )
+    diff.set_defaults(handler=cmd_diff)
     return parser
 
 

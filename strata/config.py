@@ -29,6 +29,10 @@ class CurateOptions(BaseModel):
     )
     uniqueness: str | None = Field(None, description="item id: regex on the key (first group), column names, or md5")
     near_duplicates: int = Field(4, ge=-1, le=32, description="phash Hamming threshold; -1 turns near duplicates off")
+    fraction_tolerance: float = Field(
+        0.05, ge=0, le=1, description="largest accepted |train fraction - target| of a stratum (validation)"
+    )
+    min_stratum: int = Field(20, ge=1, description="strata with fewer samples are exempt from the fraction check")
     max_pixels: int = Field(100_000_000, gt=0, description="larger images are rejected as too_large")
     chunk_size: int = Field(256, gt=0, le=100_000, description="objects per inspect task")
     storage_options: dict[str, Any] = Field(

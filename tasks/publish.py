@@ -168,8 +168,9 @@ def write_version(
     rejects_parquet: bytes,
     validation: Mapping[str, Any],
     record: Mapping[str, Any],
+    extra: Mapping[str, bytes] | None = None,
 ) -> str:
-    """Write a claimed version's files and commit it. Returns the version's URI.
+    """Write a claimed version's files (and ``extra`` ones, by name) and commit it. Returns the version's URI.
 
     Raises:
         CommitConflict: another version was committed above the parent meanwhile; this one stays uncommitted.
@@ -178,6 +179,8 @@ def write_version(
     _create(store.fs, f"{path}/{m.MANIFEST_FILE}", manifest_parquet)
     _create(store.fs, f"{path}/{m.REJECTS_FILE}", rejects_parquet)
     _create(store.fs, f"{path}/{m.VALIDATION_FILE}", json.dumps(validation, indent=2, default=str).encode())
+    for name, data in (extra or {}).items():
+        _create(store.fs, f"{path}/{name}", data)
     committed = m.latest_version(store.fs, store.dataset_path)
     if committed != parent_version:
         raise CommitConflict(f"{store.uri}: version {committed} was committed while version {version} was written")
@@ -223,6 +226,7 @@ def publish_task(
     validation: Mapping[str, Any],
     record_fields: Mapping[str, Any],
     run_id: str,
+    extra: Mapping[str, bytes] | None = None,
 ) -> tuple[int, str]:
     """Claim, write and commit a version (Prefect task). Returns (version, version URI)."""
     version = claim_version(store, parent_version, run_id)
@@ -238,6 +242,22 @@ def publish_task(
         validation=validation,
         **record_fields,
     )
-    uri = write_version(store, version, parent_version, manifest_bytes, rejects_bytes, validation, record)
+    uri = write_version(store, version, parent_version, manifest_bytes, rejects_bytes, validation, record, extra)
     get_run_logger().info("publish: committed version %d at %s (%d rows)", version, uri, len(manifest))
     return version, uri
+
+
+def write_rejected(store: Store, run_id: str, validation: Mapping[str, Any]) -> str:
+    """Keep a failed candidate's validation result under ``_rejected/<run id>/`` (never a version directory)."""
+    path = f"{store.dataset_path}/{m.REJECTED_DIR}/{run_id}/{m.VALIDATION_FILE}"
+    store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    store.fs.pipe_file(path, json.dumps(validation, indent=2, default=str).encode())
+    return store.fs.unstrip_protocol(path)
+
+
+@stage("publish")
+def reject_task(store: Store, run_id: str, validation: Mapping[str, Any]) -> str:
+    """Store a failed validation result beside the versions (Prefect task). Returns its URI."""
+    uri = write_rejected(store, run_id, validation)
+    get_run_logger().error("publish: nothing published; validation result kept at %s", uri)
+    return uri

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import io
+from typing import Any, Mapping, Sequence
 
+import fsspec
 import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
 from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from loader import manifest as m
-from tasks.diff import Parent
+from tasks.diff import Parent, manifest_diff
 from tasks.listing import Listing
 from tasks.policy import stage
 from tasks.publish import Candidate, Store, counts_by_purpose
@@ -56,6 +59,104 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
+def diff_table(parent: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+    """Added, removed and changed samples per category, and how many kept keys changed purpose.
+
+    Columns: category, added, removed, changed, purpose_changed.
+    """
+    changes = manifest_diff(parent, manifest)
+    table = pd.crosstab(changes[m.CATEGORY], changes["change"]).reindex(
+        columns=["added", "removed", "changed"], fill_value=0
+    )
+    moved = changes["purpose_before"].notna() & changes["purpose_after"].notna()
+    moved &= changes["purpose_before"] != changes["purpose_after"]
+    table["purpose_changed"] = changes[moved].groupby(m.CATEGORY).size().reindex(table.index, fill_value=0)
+    return table.rename_axis(m.CATEGORY).reset_index().astype({c: int for c in table.columns})
+
+
+def duplicates_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """Duplicate groups by kind: ``exact`` (holding byte-identical copies) and ``near`` (holding different
+    contents with close phashes). A group holding both counts in both rows.
+
+    Columns: kind, groups, samples (the rows that are exact copies, or all rows of near groups), kept_whole
+    (groups spanning several items, which an item-wise split could have cut across purposes and which were
+    assigned as one unit), examples.
+    """
+    grouped = manifest.dropna(subset=[m.DUPLICATE_GROUP])
+    copies = grouped[grouped.duplicated(m.MD5, keep=False)]
+    by_group = grouped.groupby(m.DUPLICATE_GROUP)
+    spans_items = by_group[m.UNIQUE_ID].nunique() > 1
+    near = by_group[m.MD5].nunique() > 1
+    examples = by_group[m.KEY].apply(lambda keys: " = ".join(sorted(keys)[:3]))
+    rows = []
+    for kind, groups, samples in (
+        ("exact", pd.Index(copies[m.DUPLICATE_GROUP].unique()), len(copies)),
+        ("near", near[near].index, int(by_group.size()[near].sum())),
+    ):
+        rows.append(
+            {
+                "kind": kind,
+                "groups": len(groups),
+                "samples": int(samples),
+                "kept_whole": int(spans_items.reindex(groups).sum()),
+                "examples": "; ".join(examples.reindex(groups).head(3)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def grid_samples(manifest: pd.DataFrame, per_cell: int = 4) -> pd.DataFrame:
+    """Up to ``per_cell`` rows per (category, purpose), spread evenly over the keys: the sample grid's cells."""
+    picks = []
+    for _, cell in manifest.sort_values(m.KEY).groupby([m.CATEGORY, m.PURPOSE], sort=True):
+        step = max(1, len(cell) // per_cell)
+        picks.append(cell.iloc[::step].head(per_cell))
+    return pd.concat(picks, ignore_index=True) if picks else manifest.iloc[0:0]
+
+
+def sample_grid(cells: Sequence[tuple[str, Sequence[bytes | None]]], thumb: int = 96) -> bytes:
+    """A PNG: one row per labelled cell, its images as thumbnails (a grey square where bytes are missing)."""
+    columns = max((len(images) for _, images in cells), default=1)
+    label_width = 160
+    canvas = Image.new("RGB", (label_width + columns * (thumb + 4), max(1, len(cells)) * (thumb + 4)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for row, (label, images) in enumerate(cells):
+        top = row * (thumb + 4)
+        draw.text((4, top + thumb // 2 - 6), label, fill="black", font=font)
+        for column, data in enumerate(images):
+            tile = Image.new("RGB", (thumb, thumb), (200, 200, 200))
+            if data is not None:
+                try:
+                    with Image.open(io.BytesIO(data)) as image:
+                        image.seek(0)
+                        image.draft("RGB", (thumb, thumb))
+                        tile = image.convert("RGB")
+                        tile.thumbnail((thumb, thumb))
+                except OSError:
+                    pass  # a file that cannot be shown stays a grey square; the grid is for people
+            canvas.paste(tile, (label_width + column * (thumb + 4), top))
+    buffer = io.BytesIO()
+    canvas.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+@stage("report")
+def grid_task(fs: fsspec.AbstractFileSystem, manifest: pd.DataFrame, per_cell: int = 4) -> bytes:
+    """Read a few images per category and purpose and draw the sample grid (Prefect task)."""
+    picks = grid_samples(manifest, per_cell)
+    cells: list[tuple[str, list[bytes | None]]] = []
+    for (category, purpose), cell in picks.groupby([m.CATEGORY, m.PURPOSE], sort=True):
+        images: list[bytes | None] = []
+        for path in cell[m.PATH]:
+            try:
+                images.append(fs.cat_file(fs._strip_protocol(path)))
+            except FileNotFoundError:
+                images.append(None)
+        cells.append((f"{category} / {purpose}", images))
+    return sample_grid(cells)
+
+
 def summarize(
     store: Store,
     parent: Parent,
@@ -97,7 +198,10 @@ def summary_markdown(summary: CurateSummary, parameters: Mapping[str, Any]) -> s
     """The run summary as markdown for the Prefect UI."""
     lines = [f"# {summary.dataset}: {summary.message}", ""]
     if summary.version_uri:
-        lines += [f"- manifest: `{summary.version_uri}/{m.MANIFEST_FILE}`"]
+        lines += [
+            f"- manifest: `{summary.version_uri}/{m.MANIFEST_FILE}`",
+            f"- sample grid: `{summary.version_uri}/{m.GRID_FILE}`",
+        ]
     lines += [f"- version: {summary.version} (parent {summary.parent_version})", f"- parameters: `{dict(parameters)}`"]
     if summary.validation is not None:
         lines += [
@@ -135,6 +239,18 @@ def report_task(
             description=f"{dataset}: samples per category and purpose",
         )
     if candidate is not None and not no_change:
+        changes = diff_table(parent.manifest, candidate.manifest)
+        create_table_artifact(
+            table=changes.to_dict(orient="records") or [{"category": "none", "added": 0}],
+            key=artifact_key(dataset, "diff"),
+            description=f"{dataset}: samples added, removed and changed since version {parent.version}, by category",
+        )
+        create_table_artifact(
+            table=duplicates_table(candidate.manifest).to_dict(orient="records"),
+            key=artifact_key(dataset, "duplicates"),
+            description=f"{dataset}: duplicate groups (exact = same bytes, near = similar phash); kept_whole = "
+            "groups spanning several items, assigned to one purpose as a unit",
+        )
         rejects = candidate.rejects
         examples = rejects.groupby(m.REASON)[m.KEY].apply(lambda k: ", ".join(k.head(3)))
         rows = [
@@ -145,6 +261,12 @@ def report_task(
             table=rows or [{"reason": "none", "count": 0, "examples": ""}],
             key=artifact_key(dataset, "rejects"),
             description=f"{dataset}: rejected objects by reason",
+        )
+    if published is not None:
+        create_image_artifact(
+            image_url=f"{published[1]}/{m.GRID_FILE}",
+            key=artifact_key(dataset, "sample-grid"),
+            description=f"{dataset} version {published[0]}: a few images per category and purpose",
         )
     create_markdown_artifact(
         markdown=summary_markdown(summary, parameters),

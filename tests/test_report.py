@@ -1,0 +1,125 @@
+"""Validation gating the publish, the run's Prefect artifacts read back through the client, and `strata diff`."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Callable
+
+import fsspec
+import pytest
+from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+from flows.curate import curate_dataset
+from loader import manifest as m
+from strata.cli import main
+from strata.config import CurateOptions
+from strata.errors import ValidationFailed
+from tests.conftest import encode, picture
+
+UNIQUENESS = r"(\d+)_\d+\.\w+$"
+
+
+def seed(write_image: Callable[..., Path], first: int = 0, items: int = 12) -> None:
+    """Two classes, two photos per item, one exact duplicate across items and one near duplicate."""
+    for item in range(first, first + items):
+        category = "good" if item % 3 else "bad_cap"
+        for photo in range(2):
+            write_image(f"{category}/{item}_{photo}.png", seed=100 + item * 5 + photo)
+    if first == 0:
+        write_image("good/900_0.png", seed=100 + 1 * 5)  # exact duplicate of good/1_0.png, another item
+        write_image("good/901_0.jpg", data=encode(picture(100 + 2 * 5), "jpg", quality=60))  # near dup of good/2_0
+
+
+def test_failed_validation_publishes_nothing_and_keeps_the_result(
+    tmp_path: Path, write_image: Callable[..., Path]
+) -> None:
+    seed(write_image)
+    root = tmp_path / "manifests"
+    curate_dataset(source=str(tmp_path / "src"), dataset="d", manifest_root=str(root))
+    seed(write_image, first=12, items=3)
+    strict = CurateOptions(fraction_tolerance=0.0, min_stratum=1)  # no stratum hits 0.8 exactly
+    with pytest.raises(ValidationFailed, match="expect_stratum_train_fraction_near_target") as failure:
+        curate_dataset(source=str(tmp_path / "src"), dataset="d", manifest_root=str(root), options=strict)
+    assert "nothing was published" in str(failure.value) and "_rejected" in str(failure.value)
+    assert m.committed_versions(fsspec.filesystem("file"), str(root / "d")) == [1]
+    assert not (root / "d" / "v000002").exists()
+    assert json.loads((root / "d" / m.LATEST_FILE).read_text())["version"] == 1
+    (kept,) = (root / "d" / m.REJECTED_DIR).glob(f"*/{m.VALIDATION_FILE}")
+    result = json.loads(kept.read_text())
+    assert result["success"] is False
+    assert [f["expectation"] for f in result["failed"]] == ["expect_stratum_train_fraction_near_target"]
+    assert result["failed"][0]["examples"]  # the strata that missed, by name
+    assert m.read_manifest(str(root / "d")).shape[0] == 26  # readers still get version 1
+
+
+def _artifacts(flow_run_id: object) -> dict[str, object]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def test_report_artifacts_can_be_read_back_through_the_client(tmp_path: Path, write_image: Callable[..., Path]) -> None:
+    seed(write_image)
+    write_image("good/950_0.jpg", data=b"\xff\xd8\xff\xe0 truncated")
+    root = tmp_path / "manifests"
+    state = curate_dataset(
+        source=str(tmp_path / "src"),
+        dataset="vials",
+        manifest_root=str(root),
+        options=CurateOptions(uniqueness=UNIQUENESS),
+        return_state=True,
+    )
+    summary = state.result()
+    artifacts = _artifacts(state.state_details.flow_run_id)
+    assert set(artifacts) == {
+        "vials-counts",
+        "vials-diff",
+        "vials-duplicates",
+        "vials-rejects",
+        "vials-summary",
+        "vials-sample-grid",
+    }
+    counts = {row["category"]: row for row in json.loads(artifacts["vials-counts"].data)}
+    assert counts["total"]["total"] == 26 and counts["good"]["total"] == 18
+    diff = {row["category"]: row for row in json.loads(artifacts["vials-diff"].data)}
+    assert diff["good"]["added"] == 18 and diff["bad_cap"]["added"] == 8
+    duplicates = {row["kind"]: row for row in json.loads(artifacts["vials-duplicates"].data)}
+    assert duplicates["exact"]["groups"] == 1 and duplicates["exact"]["kept_whole"] == 1
+    assert duplicates["near"]["groups"] == 1 and duplicates["near"]["samples"] == 2
+    rejects = json.loads(artifacts["vials-rejects"].data)
+    assert rejects[0]["reason"] in ("truncated", "unreadable") and "good/950_0.jpg" in rejects[0]["examples"]
+    markdown = artifacts["vials-summary"].data
+    assert f"{summary.version_uri}/{m.MANIFEST_FILE}" in markdown and "validation: passed" in markdown
+    grid_url = artifacts["vials-sample-grid"].data
+    assert grid_url == f"{summary.version_uri}/{m.GRID_FILE}"
+    with fsspec.open(grid_url, "rb") as handle:
+        grid = handle.read()
+    assert grid.startswith(b"\x89PNG")
+    with Image.open(io.BytesIO(grid)) as image:
+        assert image.width > 300 and image.height >= 4 * 96  # 2 categories x 2 purposes
+
+
+def test_strata_diff_lists_changes_and_no_purpose_moves(
+    tmp_path: Path, write_image: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed(write_image)
+    root = tmp_path / "manifests"
+    options = CurateOptions(uniqueness=UNIQUENESS)
+    curate_dataset(source=str(tmp_path / "src"), dataset="d", manifest_root=str(root), options=options)
+    write_image("good/20_0.png", seed=777)
+    (tmp_path / "src" / "bad_cap" / "3_1.png").unlink()
+    curate_dataset(source=str(tmp_path / "src"), dataset="d", manifest_root=str(root), options=options)
+    capsys.readouterr()
+    assert main(["diff", str(root / "d"), "1", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "added: 1\n  + good/20_0.png  (good, " in out
+    assert "removed: 1\n  - bad_cap/3_1.png" in out
+    assert "changed: 0" in out and "purpose changes: 0 (purposes are sticky)" in out
+    assert main(["diff", str(root / "d"), "1", "7"]) == 1
+    assert "version 7 of" in capsys.readouterr().err
