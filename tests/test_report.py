@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 import fsspec
+import pandas as pd
 import pytest
 from PIL import Image
 from prefect.client.orchestration import get_client
@@ -54,6 +55,61 @@ def test_failed_validation_publishes_nothing_and_keeps_the_result(
     assert [f["expectation"] for f in result["failed"]] == ["expect_stratum_train_fraction_near_target"]
     assert result["failed"][0]["examples"]  # the strata that missed, by name
     assert m.read_manifest(str(root / "d")).shape[0] == 26  # readers still get version 1
+
+
+def _first(frame: pd.DataFrame, purpose: str) -> int:
+    return int(frame.index[frame[m.PURPOSE] == purpose][0])
+
+
+def _copy_across(column: str) -> Callable[[pd.DataFrame], None]:
+    """Give a devel row the value of a train row: one md5 / item / group in two purposes."""
+
+    def breakage(frame: pd.DataFrame) -> None:
+        frame[column] = frame[column].astype(object)
+        value = frame.loc[_first(frame, "train"), column]
+        frame.loc[[_first(frame, "train"), _first(frame, "devel")], column] = "group-x" if pd.isna(value) else value
+
+    return breakage
+
+
+FLOW_BREAKAGES: dict[str, tuple[Callable[[pd.DataFrame], object], str]] = {
+    "duplicate path": (lambda f: f.__setitem__(m.PATH, [f[m.PATH][0], *f[m.PATH][:-1]]), "to_be_unique"),
+    "malformed md5": (lambda f: f.loc.__setitem__((0, m.MD5), f.loc[0, m.MD5].upper()), "to_match_regex"),
+    "unknown purpose": (lambda f: f.loc.__setitem__((0, m.PURPOSE), "holdout"), "to_be_in_set"),
+    "zero width": (lambda f: f.loc.__setitem__((0, m.WIDTH), 0), "to_be_between"),
+    "zero height": (lambda f: f.loc.__setitem__((0, m.HEIGHT), 0), "to_be_between"),
+    "zero size": (lambda f: f.loc.__setitem__((0, m.SIZE), 0), "to_be_between"),
+    "md5 in two purposes": (_copy_across(m.MD5), "expect_no_md5_in_two_purposes"),
+    "item in two purposes": (_copy_across(m.UNIQUE_ID), "expect_no_item_in_two_purposes"),
+    "group in two purposes": (_copy_across(m.DUPLICATE_GROUP), "expect_no_duplicate_group_in_two_purposes"),
+    "stratum off target": (lambda f: f.__setitem__(m.PURPOSE, "train"), "expect_stratum_train_fraction_near_target"),
+    "row count off the diff": (lambda f: f.drop(index=f.index[-1], inplace=True), "expect_table_row_count_to_equal"),
+}
+
+
+@pytest.mark.parametrize("case", FLOW_BREAKAGES, ids=list(FLOW_BREAKAGES))
+def test_flow_fails_without_publishing_on_each_broken_candidate(
+    case: str, tmp_path: Path, write_image: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real flow and suite, with the split's output broken the way one expectation guards against."""
+    import flows.curate
+
+    breakage, expectation = FLOW_BREAKAGES[case]
+    plan = flows.curate._plan_candidate
+
+    def broken_plan(*args: object, **kwargs: object) -> object:
+        candidate = plan(*args, **kwargs)
+        breakage(candidate.manifest)
+        return candidate
+
+    monkeypatch.setattr(flows.curate, "_plan_candidate", broken_plan)
+    seed(write_image, items=6)
+    root = tmp_path / "manifests"
+    options = CurateOptions(min_stratum=1, fraction_tolerance=0.15)  # 6 items land within 0.1 of target
+    with pytest.raises(ValidationFailed, match=expectation):
+        curate_dataset(source=str(tmp_path / "src"), dataset="d", manifest_root=str(root), options=options)
+    assert m.version_numbers(fsspec.filesystem("file"), str(root / "d")) == []
+    assert len(list((root / "d" / m.REJECTED_DIR).glob(f"*/{m.VALIDATION_FILE}"))) == 1
 
 
 def _artifacts(flow_run_id: object) -> dict[str, object]:
