@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
@@ -17,9 +18,13 @@ AUGMENT = dict(flip=0.5, rotate=0.5, brightness=0.5, contrast=0.5, hue=0.5, satu
 def epoch_rate(dataset: tf.data.Dataset) -> float:
     """Images per second over one pass of a finite dataset."""
     count, start = 0, time.perf_counter()
-    for batch in dataset:
+    iterator = iter(dataset)
+    for batch in iterator:
         count += int(tf.shape(batch[0])[0])
-    return count / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    del iterator  # stop its background threads now, not whenever the collector runs: they would eat a core
+    gc.collect()
+    return count / elapsed
 
 
 def interleaved(candidates: dict[str, tf.data.Dataset], rounds: int) -> dict[str, float]:

@@ -3,15 +3,17 @@
 The random part runs in numpy beside the sampler (:meth:`Augment.draw`): for each sample it derives a 64-bit
 key from ``(seed, md5, epoch)`` with splitmix64 and turns it into that sample's parameters, a row of
 ``PARAMS`` floats plus a noise seed. The tensor part (:meth:`Augment.apply`) is deterministic TensorFlow on
-a whole batch: one projective warp for flips, 90-degree and free rotation, scale, shear and translation
-(composed into one matrix, so a sample is resampled at most once), then brightness, contrast, saturation,
-hue and gaussian noise. A sample's pixels therefore depend on its key only, never on its batch position,
-the parallelism or the device; samples a transform does not hit keep their exact pixels.
+a whole batch: one projective warp for flips, quarter turns, rotation, scale, shear and translation
+(composed into one matrix, so a sample is resampled at most once), then saturation, hue, brightness and
+contrast (one affine colour map per sample) and gaussian noise. Each step gathers only the samples it hit.
+A sample's pixels therefore depend on its key only, never on its batch position, the parallelism or the
+device; samples a transform does not hit keep their exact pixels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -21,10 +23,11 @@ from strata.errors import ConfigError
 __all__ = ["Augment", "sample_keys", "PARAMS"]
 
 # Layout of a sample's parameter row. Values are neutral (0, or the identity) where a transform missed.
-_WARP = slice(0, 8)  # ImageProjectiveTransformV3 row: output (x, y) -> input (x, y)
+_WARP = slice(0, 8)  # ImageProjectiveTransformV3 row for every geometric step: output pixel -> input pixel
 _COLOUR = slice(8, 17)  # 3x3 matrix on RGB: saturation and hue (a rotation about the grey axis, in YIQ)
 _BRIGHTNESS, _CONTRAST, _NOISE = 17, 18, 19  # added value, contrast factor - 1, noise on (1) or off (0)
-PARAMS = 20
+_WARPED, _COLOURED = 20, 21  # whether the warp / the colour matrix differ from the identity
+PARAMS = 22
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 _TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -65,8 +68,9 @@ class _Uniforms:
 class Augment:
     """Per-sample seeded augmentation. Each transform has the probability that a sample gets it, and a range.
 
-    Geometric transforms fill uncovered pixels by reflection. ``rotate90`` turns by a random multiple of 90
-    degrees about the centre (exact for square images; on others, the corners are filled by reflection).
+    All geometric steps are one bilinear warp per sample hit, filling uncovered pixels by reflection; flips
+    and ``rotate90`` (a random number of quarter turns; square images only) alone come out pixel-exact.
+    Each step touches only the samples it hit.
     ``hue`` and ``saturation`` are ignored for grayscale images. ``noise_stddev`` and ``max_brightness`` are
     fractions of the 0..255 value range; augmentation runs before ``rescale``.
     """
@@ -129,12 +133,6 @@ class Augment:
         changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) != f.default]
         return f"Augment({', '.join(changed)})"
 
-    @property
-    def geometric(self) -> bool:
-        return any(
-            getattr(self, n) > 0 for n in ("flip", "flip_vertical", "rotate90", "rotate", "scale", "shear", "translate")
-        )
-
     def draw(self, keys: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Each sample's parameters: a float32 ``[n, PARAMS]`` array and an int64 ``[n, 2]`` noise seed."""
         u = _Uniforms(keys)
@@ -146,25 +144,26 @@ class Augment:
         def symmetric(stream: int, bound: float) -> np.ndarray:
             return (2.0 * u(stream) - 1.0) * bound
 
-        # Inverse of the forward map  R . Shear . Scale . Flip . Rot90  (output pixel -> input pixel).
-        inverse = np.broadcast_to(np.eye(2), (n, 2, 2)).copy()
-        turns = np.where(hit(2, self.rotate90), np.floor(u(3) * 4).astype(np.int64) % 4, 0)
+        # Inverse of the forward map  Rotation . Shear . Scale . Flips . Quarter turns  (output -> input pixel),
+        # one warp for all of them. Flips and quarter turns alone map pixel centres onto pixel centres, so the
+        # bilinear warp reproduces them exactly.
+        flipped, flipped_vertical = hit(0, self.flip), hit(1, self.flip_vertical)
+        turned = hit(2, self.rotate90)
+        turns = np.where(turned, np.floor(u(3) * 4).astype(np.int64) % 4, 0)
         cos90, sin90 = np.array([1, 0, -1, 0])[turns], np.array([0, 1, 0, -1])[turns]
-        inverse = _mat(cos90, sin90, -sin90, cos90) @ inverse  # rotation by -turns * 90
-        flips = _mat(np.where(hit(0, self.flip), -1.0, 1.0), 0, 0, np.where(hit(1, self.flip_vertical), -1.0, 1.0))
-        inverse = inverse @ flips
-        zoom = np.where(hit(6, self.scale), 1.0 + symmetric(7, self.max_scale), 1.0)
-        inverse = inverse @ _mat(1.0 / zoom, 0, 0, 1.0 / zoom)
-        sheared = hit(8, self.shear)
-        shear_x, shear_y = (
-            np.where(sheared, symmetric(9, self.max_shear), 0.0),
-            np.where(sheared, symmetric(10, self.max_shear), 0.0),
+        inverse = _mat(cos90, sin90, -sin90, cos90)  # rotation by -turns * 90
+        inverse = inverse @ _mat(np.where(flipped, -1.0, 1.0), 0, 0, np.where(flipped_vertical, -1.0, 1.0))
+        zoomed, sheared, rotated, moved = (
+            hit(s, p) for s, p in ((6, self.scale), (8, self.shear), (4, self.rotate), (11, self.translate))
         )
+        zoom = np.where(zoomed, 1.0 + symmetric(7, self.max_scale), 1.0)
+        inverse = inverse @ _mat(1.0 / zoom, 0, 0, 1.0 / zoom)
+        shear_x = np.where(sheared, symmetric(9, self.max_shear), 0.0)
+        shear_y = np.where(sheared, symmetric(10, self.max_shear), 0.0)
         det = 1.0 - shear_x * shear_y
         inverse = inverse @ _mat(1.0 / det, -shear_x / det, -shear_y / det, 1.0 / det)
-        angle = np.where(hit(4, self.rotate), np.deg2rad(symmetric(5, self.max_angle)), 0.0)
+        angle = np.where(rotated, np.deg2rad(symmetric(5, self.max_angle)), 0.0)
         inverse = inverse @ _mat(np.cos(angle), np.sin(angle), -np.sin(angle), np.cos(angle))
-        moved = hit(11, self.translate)
         shift = np.stack(
             [
                 np.where(moved, symmetric(12, self.max_translate) * width, 0.0),
@@ -190,7 +189,10 @@ class Augment:
             ],
             axis=1,
         )
-        params[:, _COLOUR] = self._colour(u, hit).reshape(n, 9)
+        params[:, _WARPED] = flipped | flipped_vertical | (turns > 0) | zoomed | sheared | rotated | moved
+        colour = self._colour(u, hit)
+        params[:, _COLOUR] = colour.reshape(n, 9)
+        params[:, _COLOURED] = ~np.all(colour == np.eye(3), axis=(1, 2))
         params[:, _BRIGHTNESS] = np.where(hit(14, self.brightness), symmetric(15, self.max_brightness) * 255.0, 0.0)
         low, high = self.contrast_range
         params[:, _CONTRAST] = np.where(hit(16, self.contrast), low + u(17) * (high - low) - 1.0, 0.0)
@@ -226,31 +228,68 @@ class Augment:
         def column(index: int) -> tf.Tensor:
             return tf.reshape(params[:, index], [-1, 1, 1, 1])
 
-        if self.geometric:
-            images = tf.raw_ops.ImageProjectiveTransformV3(
-                images=images,
-                transforms=params[:, _WARP],
-                output_shape=tf.shape(images)[1:3],
-                fill_value=0.0,
-                interpolation="BILINEAR",
-                fill_mode="REFLECT",
+        def on_hits(hit: tf.Tensor | int, images: tf.Tensor, transform: Callable[..., tf.Tensor]) -> tf.Tensor:
+            """Transform only the samples a step hit (others keep their exact pixels, and cost nothing).
+
+            ``hit`` is a boolean per sample, or the index of a 0/1 parameter column.
+            """
+            mask = params[:, hit] > 0.5 if isinstance(hit, int) else hit
+            chosen = tf.where(mask)[:, 0]
+            changed = transform(tf.gather(images, chosen), chosen)
+            return tf.tensor_scatter_nd_update(images, chosen[:, None], changed)
+
+        if any(
+            getattr(self, n) > 0 for n in ("flip", "flip_vertical", "rotate90", "rotate", "scale", "shear", "translate")
+        ):
+            images = on_hits(
+                _WARPED,
+                images,
+                lambda chosen, rows: tf.raw_ops.ImageProjectiveTransformV3(
+                    images=chosen,
+                    transforms=tf.gather(params[:, _WARP], rows),
+                    output_shape=tf.shape(images)[1:3],
+                    fill_value=0.0,
+                    interpolation="BILINEAR",
+                    fill_mode="REFLECT",
+                ),
             )
-        if (self.hue > 0 or self.saturation > 0) and images.shape[-1] == 3:
-            images = tf.einsum("bhwc,bcd->bhwd", images, tf.reshape(params[:, _COLOUR], [-1, 3, 3]))
-        if self.brightness > 0:
-            images = images + column(_BRIGHTNESS)
-        if self.contrast > 0:
-            mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
-            images = images + (images - mean) * column(_CONTRAST)
+        colour = (self.hue > 0 or self.saturation > 0) and images.shape[-1] == 3
+        if colour or self.brightness > 0 or self.contrast > 0:
+            images = self._photometric(images, params, colour)
         if self.noise > 0:
             shape = tf.shape(images)[1:]
-            noise = tf.map_fn(
-                lambda seed: tf.random.stateless_normal(shape, seed=seed, alg="philox"),
-                noise_seeds,
-                fn_output_signature=tf.float32,
-            )
-            images = images + noise * (column(_NOISE) * (self.noise_stddev * 255.0))
+            scale = self.noise_stddev * 255.0
+
+            def noisy(chosen: tf.Tensor, rows: tf.Tensor) -> tf.Tensor:
+                noise = tf.map_fn(
+                    lambda seed: tf.random.stateless_normal(shape, seed=seed, alg="philox"),
+                    tf.gather(noise_seeds, rows),
+                    fn_output_signature=tf.float32,
+                )
+                return chosen + noise * scale
+
+            images = on_hits(_NOISE, images, noisy)
         return tf.clip_by_value(images, 0.0, 255.0)
+
+    @staticmethod
+    def _photometric(images: tf.Tensor, params: tf.Tensor, colour: bool) -> tf.Tensor:
+        """Colour matrix, brightness and contrast folded into one affine map per sample: ``x @ A + b``.
+
+        With ``y = x @ M + beta`` and contrast ``c`` about y's mean ``m``: ``y + c (y - m) = x @ M (1 + c) +
+        beta (1 + c) - c m``, where ``m = mean(x) @ M + beta`` needs only the per-channel means of ``x``. One
+        pass over the pixels instead of one per step; neutral parameters give ``A = I`` and ``b = 0`` exactly.
+        """
+        brightness, contrast = params[:, _BRIGHTNESS], params[:, _CONTRAST]
+        means = tf.reduce_mean(images, axis=[1, 2])  # [B, C]
+        if colour:
+            matrices = tf.reshape(params[:, _COLOUR], [-1, 3, 3])
+            mean = tf.reduce_mean(tf.einsum("bc,bcd->bd", means, matrices), axis=1) + brightness
+            scaled = matrices * (1.0 + contrast)[:, None, None]
+            offset = brightness * (1.0 + contrast) - contrast * mean
+            return tf.einsum("bhwc,bcd->bhwd", images, scaled) + offset[:, None, None, None]
+        mean = tf.reduce_mean(means, axis=1) + brightness
+        offset = brightness * (1.0 + contrast) - contrast * mean
+        return images * (1.0 + contrast)[:, None, None, None] + offset[:, None, None, None]
 
 
 def _mat(a: object, b: object, c: object, d: object) -> np.ndarray:

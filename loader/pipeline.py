@@ -110,6 +110,8 @@ def from_manifest(
     image_size = tuple(image_size) if image_size is not None else None
     shape = _output_shape(rows, image_size, roi, resolved.uri)
 
+    if augment is not None and augment.rotate90 > 0 and shape[0] != shape[1]:
+        raise ConfigError(f"Augment(rotate90=...) needs square images, but they come out {shape[1]}x{shape[0]}")
     columns = tuple(stratify_by) if stratify_by else ((m.CATEGORY,) if balanced else ())
     codes = rows.groupby(list(columns), sort=True).ngroup().to_numpy() if columns else np.zeros(len(rows), np.int64)
     probabilities = sampling.group_probabilities(np.bincount(codes), weighting) if columns else np.ones(1)
@@ -131,6 +133,7 @@ def from_manifest(
         [image_fs._strip_protocol(p) for p in rows[m.PATH]],
         rows[m.PATH].tolist(),
         rows[m.MD5].tolist(),
+        rows[m.SIZE].tolist(),
         cache_dir=cache_dir if remote else None,
         threads=16 if remote else 4,
     )
