@@ -79,9 +79,49 @@ def unique_ids(samples: pd.DataFrame, uniqueness: str | None) -> tuple[pd.Series
         ) from err
     if pattern.groups < 1:
         raise ConfigError(f"--uniqueness regex {uniqueness!r} needs a capture group for the item id, e.g. '(\\d+)_'")
-    found = samples[m.KEY].astype("str").str.extract(pattern, expand=True)[0]
-    missing = found.isna()
+    found = _first_group(samples[m.KEY], pattern)
+    missing = found.isna() | (found == "")  # an empty id would make one giant item of unrelated keys
     return found.where(~missing, samples[m.MD5]).astype(object), int(missing.sum())
+
+
+def _named_groups(pattern: str) -> str:
+    """The pattern with every capturing group named ``g1``, ``g2``, ... (what Arrow's RE2 extract needs)."""
+    out, index, escaped, in_class, group = [], 0, False, False, 0
+    while index < len(pattern):
+        char = pattern[index]
+        out.append(char)
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == "[" and not in_class:
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        elif char == "(" and not in_class and not pattern.startswith("?", index + 1):
+            group += 1
+            out.append(f"?P<g{group}>")
+        index += 1
+    return "".join(out)
+
+
+def _first_group(keys: pd.Series, pattern: re.Pattern[str]) -> pd.Series:
+    """The first capture group of a regex search in every key (null where it does not match or is empty).
+
+    Arrow's RE2 runs ~10x faster than ``re``; patterns RE2 does not speak (look-arounds, back-references)
+    fall back to pandas, with the same result.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        matched = pc.extract_regex(pa.array(keys, pa.string()), _named_groups(pattern.pattern))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        found = keys.astype("str").str.extract(pattern, expand=True)[0].astype(object)
+        return found.where(found != "", None)
+    first = matched.flatten()[0]  # flatten() keeps the struct's nulls (no match); field() would not
+    first = pc.if_else(pc.equal(first, ""), None, first)  # RE2 gives "" where the group took no part
+    return pd.Series(first.to_numpy(zero_copy_only=False), index=keys.index, dtype=object)
 
 
 @dataclass(frozen=True)

@@ -127,3 +127,18 @@ def test_bad_split_fractions_are_refused(text: str) -> None:
 
 def test_split_fractions_parse() -> None:
     assert parse_fractions("train=0.7, devel=0.2,test=0.1") == {"train": 0.7, "devel": 0.2, "test": 0.1}
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"(\d+)_\d+\.\w+$", r"/(\d+)_", r"^(?:good|bad)/(\w+?)_", r"[(](\d)", r"(?<=/)(\d+)_", r"(x)?(\d+)\.png"],
+)
+def test_fast_regex_path_matches_python_re(pattern: str) -> None:
+    """Arrow's RE2 (with groups renamed) gives what pandas' re gives, and patterns RE2 lacks fall back."""
+    import re
+
+    from tasks.split import _first_group
+
+    keys = pd.Series(["good/12_1543.bmp", "bad/7_1.png", "x/(3).png", "nomatch", "good/a_b_c.png", "good/x5.png"])
+    expected = keys.str.extract(re.compile(pattern), expand=True)[0].replace("", None)
+    assert _first_group(keys, re.compile(pattern)).fillna("<na>").tolist() == expected.fillna("<na>").tolist()

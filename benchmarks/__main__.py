@@ -1,0 +1,137 @@
+"""Run DESIGN section 7's benchmark table: ``python -m benchmarks [--quick] [--out FILE]``.
+
+Every row measures ours and its baseline side by side in this process tree on data generated now from real
+photographs, prints a table and writes ``{row: {ours, baseline, ratio, target, met, unit, note}}`` as JSON
+(``benchmarks/results.json`` for a full run). brevettiai, the split baseline, pins ``pydantic<2`` and is
+installed into ``benchmarks/.venv-brevettiai`` on the first full run. ``--quick`` runs every row on small
+inputs in a few minutes (without installing brevettiai): it checks the harness, not the speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = Path(__file__).resolve().parent
+
+# row: (how the ratio is formed, target ratio, whether higher is better, extra absolute limit on ours)
+TARGETS = {
+    "loader": ("ours / baseline images/s", 1.5, True, None),
+    "loader_augmented": ("ours / baseline images/s", 0.8, True, None),
+    "inspect": ("baseline / ours time per file", 3.0, True, None),
+    "split": ("baseline / ours time", 3.0, True, 1.4),
+    "incremental": ("ours / baseline time", 0.1, False, None),
+    "near_duplicates": ("baseline / ours time", 20.0, True, None),
+    "memory": ("peak RSS, GiB", None, False, 2.0),
+}
+SIZES = {
+    "full": {
+        "loader": 600,
+        "rounds": 3,
+        "inspect": 200,
+        "split": 1_000_000,
+        "incremental": 10_000,
+        "near": (100_000, 10_000),
+    },
+    "quick": {"loader": 64, "rounds": 1, "inspect": 24, "split": 50_000, "incremental": 100, "near": (20_000, 2_000)},
+}
+
+
+def judged(name: str, row: dict) -> dict:
+    """Add ratio, target and met to a measured row."""
+    how, target, higher, limit = TARGETS[name]
+    ours, baseline = row["ours"], row.get("baseline")
+    ratio = None
+    if baseline:
+        ratio = ours / baseline if how.startswith("ours /") else baseline / ours
+    met = True
+    if target is not None:
+        met = ratio is not None and (ratio >= target if higher else ratio <= target)
+    if limit is not None:
+        met = met and ours <= limit if target is not None else ours <= limit
+    text = f"{'>=' if higher else '<='} {target}x ({how})" if target is not None else ""
+    if limit is not None:
+        text = " and ".join(filter(None, [text, f"ours <= {limit} {row['unit']}"]))
+    return {**row, "ratio": ratio, "target": text, "met": bool(met)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small inputs, a few minutes: checks the harness")
+    parser.add_argument(
+        "--out", type=Path, help="JSON results (default: benchmarks/results.json, or none with --quick)"
+    )
+    parser.add_argument("--only", nargs="*", choices=list(TARGETS), help="run only these rows")
+    args = parser.parse_args()
+    size = SIZES["quick" if args.quick else "full"]
+    chosen = args.only or list(TARGETS)
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from benchmarks import curation
+    from benchmarks import loader as loader_rows
+    from benchmarks.data import make_images
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as scratch, prefect_test_harness(server_startup_timeout=180):
+        work = Path(scratch)
+        if {"loader", "loader_augmented"} & set(chosen):
+            print(f"loader: {size['loader']} JPEGs 640x480 -> 224x224, batch 32 ...", flush=True)
+            make_images(work / "jpegs", size["loader"])
+            from flows.curate import curate_dataset
+
+            curate_dataset(source=str(work / "jpegs"), dataset="bench", manifest_root=str(work / "manifests"))
+            rates = loader_rows.measure(work / "jpegs", str(work / "manifests" / "bench"), size["rounds"])
+            others = ", ".join(
+                f"{k} {v:.0f}" for k, v in rates.items() if k.startswith("strata") and "stratified" not in k
+            )
+            results["loader"] = {
+                "ours": rates["strata stratified"],
+                "baseline": rates["keras image_dataset_from_directory"],
+                "unit": "images/s",
+                "note": f"one warm epoch each, best of {size['rounds']} interleaved; also {others} images/s",
+            }
+            results["loader_augmented"] = {
+                "ours": rates["strata stratified + augment"],
+                "baseline": rates["plain tf.data decode+resize"],
+                "unit": "images/s",
+                "note": "flip + rotate + brightness/contrast/hue/saturation, each p=0.5, CPU",
+            }
+        if "inspect" in chosen:
+            print(f"inspect: {size['inspect']} files ...", flush=True)
+            results["inspect"] = curation.inspect_row(work / "inspect", size["inspect"])
+        if "split" in chosen:
+            print(f"split: {size['split']:,} rows ...", flush=True)
+            results["split"] = curation.split_row(size["split"], HERE / ".venv-brevettiai", install=not args.quick)
+        if "incremental" in chosen:
+            print(f"incremental: {size['incremental']:,} objects ...", flush=True)
+            results["incremental"] = curation.incremental_row(work / "incremental", size["incremental"])
+        if "near_duplicates" in chosen:
+            print(f"near duplicates: {size['near'][0]:,} phashes ...", flush=True)
+            results["near_duplicates"] = curation.near_duplicates_row(*size["near"])
+        if "memory" in chosen:
+            print(f"memory: {size['split']:,} rows split + validate + publish ...", flush=True)
+            results["memory"] = curation.memory_row(size["split"])
+
+    results = {name: judged(name, row) for name, row in results.items()}
+    print(f"\n{'row':<18}{'ours':>12}{'baseline':>12}{'ratio':>9}  {'met':<5}target")
+    for name, row in results.items():
+        baseline = f"{row['baseline']:.4g}" if row["baseline"] is not None else "-"
+        ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
+        print(f"{name:<18}{row['ours']:>12.4g}{baseline:>12}{ratio:>9}  {str(row['met']):<5}{row['target']}")
+        print(f"{'':<18}{row['unit']}; {row['note']}")
+    out = args.out or (None if args.quick else HERE / "results.json")
+    if out is not None:
+        out.write_text(curation.to_json(results) + "\n")
+        print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

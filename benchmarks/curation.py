@@ -1,0 +1,313 @@
+"""Curation-side rows: inspect, split, incremental re-run, near duplicates, memory. Times in seconds."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.data import make_images
+from loader import manifest as m
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _timed(work: object, *args: object) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = work(*args)
+    return time.perf_counter() - start, result
+
+
+# --- inspect -------------------------------------------------------------------------------------------
+
+
+def _naive(paths: list[str]) -> list[tuple[str, str]]:
+    import imagehash
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        digest = hashlib.md5(data).hexdigest()
+        image = Image.open(io.BytesIO(data))
+        image.load()
+        out.append((digest, str(imagehash.phash(image))))
+    return out
+
+
+def _ours(paths: list[str]) -> list[tuple[str, int]]:
+    from tasks.inspect import inspect_bytes
+
+    out = []
+    for path in paths:
+        with open(path, "rb") as handle:
+            result = inspect_bytes(handle.read())
+        out.append((result.md5, result.phash))
+    return out
+
+
+def inspect_row(folder: Path, files: int) -> dict:
+    """Per-file time: our inspect stage on 2 worker processes vs the naive single loop."""
+    make_images(folder, files, formats=("jpg", "png", "bmp"))
+    paths = sorted(str(p) for p in folder.rglob("*.*"))
+    _naive(paths[:5]), _ours(paths[:5])  # warm imports and caches
+    naive, expected = _timed(_naive, paths)
+    with ProcessPoolExecutor(2) as pool:
+        list(pool.map(_ours, [paths[:2], paths[2:4]]))
+        chunks = [paths[i : i + 16] for i in range(0, len(paths), 16)]
+        ours, results = _timed(lambda: [r for part in pool.map(_ours, chunks) for r in part])
+    single, _ = _timed(_ours, paths)
+    assert [r[0] for r in results] == [e[0] for e in expected], "md5s differ"
+    assert [f"{r[1]:016x}" for r in results] == [e[1] for e in expected], "phashes differ from imagehash"
+    return {
+        "ours": ours / len(paths),
+        "baseline": naive / len(paths),
+        "unit": "s/file",
+        "note": f"{len(paths)} files (JPEG/PNG/BMP 640x480); one process: {single / len(paths) * 1e3:.2f} ms/file",
+    }
+
+
+# --- split ---------------------------------------------------------------------------------------------
+
+SPLIT_REGEX = r"(\d+)_\d+\.bmp$"
+
+
+def split_frame(rows: int, seed: int = 0) -> pd.DataFrame:
+    """``rows`` samples in 3 imbalanced categories, 1-3 photos per item, a few duplicate groups."""
+    rng = np.random.default_rng(seed)
+    items = rows // 2
+    item = np.sort(rng.integers(0, items, size=rows))
+    category = np.array(["good", "bad_cap", "missing_cap"])[
+        np.searchsorted(np.cumsum([0.7, 0.2, 0.1]), rng.random(items))
+    ][item]
+    keys = pd.Series(category).str.cat(pd.Series(item.astype(str)), sep="/") + pd.Series(
+        np.arange(rows).astype(str)
+    ).radd("_").add(".bmp")
+    md5 = pd.Series(rng.integers(0, 2**63, size=rows)).map("{:032x}".format)
+    group = np.where(
+        rng.random(rows) < 0.01, "g" + pd.Series(rng.integers(0, rows // 200, size=rows)).astype(str), None
+    )
+    return pd.DataFrame(
+        {
+            m.KEY: keys,
+            m.FOLDER: category,
+            m.CATEGORY: category,
+            m.MD5: md5,
+            m.DUPLICATE_GROUP: group,
+            m.PURPOSE: None,
+            "path": "s3://bucket/" + keys,
+        }
+    )
+
+
+def _ours_split(frame: pd.DataFrame) -> pd.DataFrame:
+    from tasks.split import assign_purposes, unique_ids
+
+    frame = frame.copy()
+    frame[m.UNIQUE_ID], _ = unique_ids(frame, SPLIT_REGEX)
+    return assign_purposes(frame, {"train": 0.8, "devel": 0.2}, 0, [m.CATEGORY]).samples
+
+
+BREVETTI_SCRIPT = """
+import sys, time, numpy as np, pandas as pd
+from brevettiai.data.sample_integrity import SampleSplit
+frame = pd.read_parquet(sys.argv[1])
+start = time.perf_counter()
+SampleSplit(stratification=["category"], uniqueness=sys.argv[2], split=0.8, seed=0).assign(frame, remainder="devel")
+print(time.perf_counter() - start)
+"""
+
+
+def brevettiai_python(venv: Path) -> Path | None:
+    """A Python with brevettiai 2.0 in its own virtual environment (it pins pydantic<2); None if it fails."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        install = subprocess.run(
+            [str(venv / "bin" / "pip"), "install", "-q", "brevettiai==2.0.0", "pyarrow"], capture_output=True, text=True
+        )
+        if install.returncode != 0:
+            print(f"  brevettiai 2.0 could not be installed: {install.stderr.strip()[-300:]}")
+            return None
+    return python
+
+
+def split_row(rows: int, venv: Path, install: bool = True) -> dict:
+    frame = split_frame(rows)
+    _ours_split(frame.head(1000))
+    ours, result = _timed(_ours_split, frame)
+    assert result[m.PURPOSE].notna().all()
+    row = {"ours": ours, "baseline": None, "unit": "s", "note": f"{rows:,} rows, stratify category, uniqueness regex"}
+    python = brevettiai_python(venv) if install or (venv / "bin" / "python").exists() else None
+    if python is None:
+        row["note"] += "; brevettiai column skipped: " + ("it could not be installed" if install else "not installed")
+        return row
+    with tempfile.TemporaryDirectory() as scratch:
+        parquet = Path(scratch) / "frame.parquet"
+        frame.drop(columns=[m.PURPOSE]).to_parquet(parquet)
+        run = subprocess.run(
+            [str(python), "-c", BREVETTI_SCRIPT, str(parquet), "/" + SPLIT_REGEX], capture_output=True, text=True
+        )
+    if run.returncode != 0:
+        row["note"] += f"; brevettiai failed: {run.stderr.strip()[-300:]}"
+        return row
+    row["baseline"] = float(run.stdout.strip().splitlines()[-1])
+    return row
+
+
+# --- incremental re-run ----------------------------------------------------------------------------------
+
+
+def incremental_row(folder: Path, files: int) -> dict:
+    """Cold curation of a local source vs the re-run that finds nothing changed (same process, warm API)."""
+    from PIL import Image
+
+    from flows.curate import curate_dataset
+
+    rng = np.random.default_rng(0)
+    for i in range(files):
+        path = folder / "src" / ("good", "bad")[i % 2] / f"{i}_0.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    warm = folder / "warm"
+    (warm / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(warm / "a" / "x.png")
+    curate_dataset(source=str(warm), dataset="w", manifest_root=str(folder / "m"))  # start the API first
+    cold, _ = _timed(lambda: curate_dataset(source=str(folder / "src"), dataset="d", manifest_root=str(folder / "m")))
+    again, summary = _timed(
+        lambda: curate_dataset(source=str(folder / "src"), dataset="d", manifest_root=str(folder / "m"))
+    )
+    assert not summary.published
+    return {"ours": again, "baseline": cold, "unit": "s", "note": f"{files:,} objects; re-run / cold run"}
+
+
+# --- near duplicates -------------------------------------------------------------------------------------
+
+
+def _exhaustive(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]]:
+    pairs = set()
+    table = np.unpackbits(hashes.view(np.uint8).reshape(-1, 8), axis=1).astype(np.uint8)
+    for start in range(0, len(hashes), 1000):
+        block = table[start : start + 1000]
+        distance = (block[:, None, :] != table[None, :, :]).sum(axis=2)
+        left, right = np.nonzero(distance <= threshold)
+        left = left + start
+        keep = left < right
+        pairs.update(zip(left[keep].tolist(), right[keep].tolist(), strict=True))
+    return pairs
+
+
+def near_duplicates_row(count: int, subset: int) -> dict:
+    from tasks.duplicates import near_pairs
+
+    rng = np.random.default_rng(0)
+    hashes = rng.integers(0, 2**63, size=count, dtype=np.int64).astype(np.uint64)
+    near = rng.choice(subset, size=subset // 50, replace=False)  # plant near copies (flip 1-4 bits) in the subset
+    flips = [
+        np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, size=k, replace=False).astype(np.uint64))
+        for k in rng.integers(1, 5, size=len(near))
+    ]
+    hashes[near[len(near) // 2 :]] = hashes[near[: len(near) - len(near) // 2]] ^ np.array(
+        flips[len(near) // 2 :], dtype=np.uint64
+    )
+    ours, _ = _timed(near_pairs, hashes, 4)
+    sub = hashes[:subset]
+    exhaustive_time, expected = _timed(_exhaustive, sub, 4)
+    left, right = near_pairs(sub, 4)
+    found = {(min(a, b), max(a, b)) for a, b in zip(left.tolist(), right.tolist(), strict=True)}
+    assert found == expected, f"near_pairs differs from the exhaustive search: {len(found)} vs {len(expected)} pairs"
+    scaled = exhaustive_time * (count / subset) ** 2
+    return {
+        "ours": ours,
+        "baseline": scaled,
+        "unit": "s",
+        "note": f"{count:,} phashes; exhaustive over {subset:,} ({exhaustive_time:.2f} s) scaled by "
+        f"({count:,}/{subset:,})^2; identical pairs on the subset ({len(expected)})",
+    }
+
+
+# --- memory ----------------------------------------------------------------------------------------------
+
+
+def split_validate_publish(rows: int) -> tuple[int, bool]:
+    """Split, validate and publish a ``rows``-row manifest; returns this process's peak RSS and the outcome."""
+    import resource
+
+    import fsspec
+
+    from tasks.expectations import validate_manifest
+    from tasks.publish import Candidate, Store, claim_version, commit_record, serialize, sha256, write_version
+
+    samples = _ours_split(split_frame(rows))
+    full = samples.assign(
+        **{
+            m.PATH: samples["path"],
+            m.SIZE: np.int64(1000),
+            m.ETAG: samples[m.MD5],
+            m.MTIME: pd.Timestamp("2026-01-01", tz="UTC"),
+            m.FORMAT: "bmp",
+            m.WIDTH: np.int32(640),
+            m.HEIGHT: np.int32(480),
+            m.CHANNELS: np.int32(3),
+            m.PHASH: np.uint64(0),
+            m.FIRST_VERSION: pd.NA,
+        }
+    )
+    diff = {"added": len(full), "removed": 0, "changed": 0}
+    candidate = Candidate(manifest=full, rejects=m.empty_frame(m.REJECTS_SCHEMA), diff=diff)
+    manifest, data, rejects = serialize(candidate, 1)
+    validation = validate_manifest(
+        m.to_table(manifest).to_pandas(),
+        fractions={"train": 0.8, "devel": 0.2},
+        stratify=[m.CATEGORY],
+        expected_rows=len(full),
+    )
+    with tempfile.TemporaryDirectory() as root:
+        store = Store(fsspec.filesystem("file"), f"{root}/d")
+        version = claim_version(store, None, "benchmark")
+        record = commit_record(
+            dataset="d",
+            version=version,
+            parent_version=None,
+            source="s3://bucket",
+            parameters={},
+            manifest=manifest,
+            rejects=candidate.rejects,
+            diff=diff,
+            manifest_sha256=sha256(data),
+            rejects_sha256=sha256(rejects),
+            validation=validation,
+            flow_run_id=None,
+        )
+        write_version(store, version, None, data, rejects, validation, record)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, bool(validation["success"])
+
+
+def memory_row(rows: int) -> dict:
+    code = f"from benchmarks.curation import split_validate_publish as f; print(*f({rows}))"
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "GX_ANALYTICS_ENABLED": "false"},
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"memory benchmark failed: {run.stderr[-2000:]}")
+    peak, success = run.stdout.split()[-2:]
+    return {"ours": int(peak) / 2**30, "baseline": None, "unit": "GiB", "note": f"{rows:,} rows, validation {success}"}
+
+
+def to_json(rows: dict) -> str:
+    return json.dumps(rows, indent=2, sort_keys=True)
