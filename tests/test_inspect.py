@@ -49,8 +49,9 @@ def test_real_vial_photo_and_phash_matches_imagehash() -> None:
     result = inspect_bytes(data)
     assert isinstance(result, Inspected)
     assert (result.format, result.width, result.height, result.channels) == ("bmp", 224, 224, 3)
-    assert f"{result.phash:016x}" == str(imagehash.phash(Image.open(io.BytesIO(data))))
-    for seed in range(5):
+    reference = int(str(imagehash.phash(Image.open(io.BytesIO(data)))), 16)
+    assert bin(result.phash ^ reference).count("1") <= 4  # hashed from a box-reduced copy: a few bits at most
+    for seed in range(5):  # the hash function itself is bit-identical to imagehash
         image = picture(seed, (120, 90))
         assert f"{phash(image):016x}" == str(imagehash.phash(image))
 
