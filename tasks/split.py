@@ -80,8 +80,8 @@ def unique_ids(samples: pd.DataFrame, uniqueness: str | None) -> tuple[pd.Series
     if pattern.groups < 1:
         raise ConfigError(f"--uniqueness regex {uniqueness!r} needs a capture group for the item id, e.g. '(\\d+)_'")
     found = _first_group(samples[m.KEY], pattern)
-    missing = found.isna() | (found == "")  # an empty id would make one giant item of unrelated keys
-    return found.where(~missing, samples[m.MD5]).astype(object), int(missing.sum())
+    missing = found.isna().to_numpy()
+    return found.where(~missing, samples[m.MD5]), int(missing.sum())
 
 
 def _named_groups(pattern: str) -> str:
@@ -117,11 +117,11 @@ def _first_group(keys: pd.Series, pattern: re.Pattern[str]) -> pd.Series:
     try:
         matched = pc.extract_regex(pa.array(keys, pa.string()), _named_groups(pattern.pattern))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        found = keys.astype("str").str.extract(pattern, expand=True)[0].astype(object)
-        return found.where(found != "", None)
+        found = keys.astype("str").str.extract(pattern, expand=True)[0]
+        return found.where(found != "")  # an empty id would make one giant item of unrelated keys
     first = matched.flatten()[0]  # flatten() keeps the struct's nulls (no match); field() would not
     first = pc.if_else(pc.equal(first, ""), None, first)  # RE2 gives "" where the group took no part
-    return pd.Series(first.to_numpy(zero_copy_only=False), index=keys.index, dtype=object)
+    return pd.Series(first.to_pandas(), index=keys.index)
 
 
 @dataclass(frozen=True)
@@ -143,15 +143,31 @@ def _mix(values: np.ndarray, seed: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-_HEX = np.zeros(256, dtype=np.uint64)
-_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint64)
-_NIBBLE_SHIFTS = np.arange(60, -1, -4, dtype=np.uint64)
+_HEX = np.zeros(256, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16, dtype=np.uint8)
 
 
 def _hex_prefix(hexes: pd.Series) -> np.ndarray:
-    """The first 16 hex digits of each (lowercase hex) string as uint64, vectorized."""
-    raw = np.frombuffer(hexes.to_numpy(dtype="S16").tobytes(), dtype=np.uint8).reshape(-1, 16)
-    return (_HEX[raw] << _NIBBLE_SHIFTS).sum(axis=1, dtype=np.uint64)
+    """The first 16 hex digits of each (lowercase, 32-digit) md5 string as uint64, vectorized.
+
+    Reads the Arrow string buffer in place when every value has 32 characters (the manifest's md5 column).
+    """
+    import pyarrow as pa
+
+    array = pa.array(hexes, pa.string())
+    if (
+        array.null_count == 0
+        and len(array)
+        and pa.compute.all(pa.compute.equal(pa.compute.utf8_length(array), 32)).as_py()
+    ):
+        offsets, data = array.buffers()[1:3]
+        first = np.frombuffer(offsets, dtype=np.int32, count=1, offset=array.offset * 4)[0]
+        raw = np.frombuffer(data, dtype=np.uint8, count=32 * len(array), offset=first).reshape(-1, 32)[:, :16]
+    else:
+        raw = np.frombuffer(hexes.to_numpy(dtype="S16").tobytes(), dtype=np.uint8).reshape(-1, 16)
+    nibbles = _HEX[raw]  # uint8: a 1M-row uint64 temporary would cost more in page faults than the work
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(packed).view(">u8").ravel().astype(np.uint64)
 
 
 def _group_edges(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -228,7 +244,8 @@ def assign_purposes(
     held = np.isin(unit, conflict_units) & ~locked_rows
     inherited = per_unit.first()
     purpose = old.copy()
-    purpose[~locked_rows] = pd.Series(unit[~locked_rows], index=purpose.index[~locked_rows]).map(inherited)
+    if len(inherited):
+        purpose[~locked_rows] = pd.Series(unit[~locked_rows], index=purpose.index[~locked_rows]).map(inherited)
 
     # Strata and need.
     if stratify:
@@ -256,12 +273,15 @@ def assign_purposes(
     unit_key = np.full(len(free_units), np.iinfo(np.uint64).max, dtype=np.uint64)
     np.minimum.at(unit_key, free_inverse, _hex_prefix(frame[m.MD5].iloc[free_idx]))
     order_key = _mix(unit_key, seed)
-    cells = pd.DataFrame({"u": free_inverse, "s": stratum[free_idx]}).value_counts(sort=False).reset_index()
-    cells = cells.sort_values(["u", "count", "s"], ascending=[True, False, True], kind="stable")
-    main = cells.drop_duplicates("u")
-    unit_stratum = main["s"].to_numpy()[np.argsort(main["u"].to_numpy())]
+    # (unit, stratum) cells with their row counts; a unit's main stratum holds most of its rows (lowest on ties).
+    cell_keys, cell_counts = np.unique(free_inverse.astype(np.int64) * n_strata + stratum[free_idx], return_counts=True)
+    cell_unit, cell_stratum = np.divmod(cell_keys, n_strata)
+    main = np.lexsort((cell_stratum, -cell_counts, cell_unit))
+    first_of_unit = np.ones(len(main), dtype=bool)
+    first_of_unit[1:] = cell_unit[main][1:] != cell_unit[main][:-1]
+    unit_stratum = cell_stratum[main][first_of_unit]
     unit_size = np.bincount(free_inverse, minlength=len(free_units)).astype(np.float64)
-    spanning = np.bincount(cells["u"].to_numpy(), minlength=len(free_units)) > 1
+    spanning = np.bincount(cell_unit, minlength=len(free_units)) > 1
     unit_purpose = np.full(len(free_units), -1, dtype=np.int64)
 
     # Units spanning strata first, at the target fractions; then their rows count in every stratum they touch.
@@ -287,7 +307,7 @@ def assign_purposes(
     return SplitResult(
         samples=out[~held].reset_index(drop=True),
         held_out=frame[held].reset_index(drop=True),
-        units=int(len(np.unique(unit))),
+        units=int(np.count_nonzero(np.bincount(unit))),
     )
 
 
