@@ -155,6 +155,8 @@ def _hex_prefix(hexes: pd.Series) -> np.ndarray:
     import pyarrow as pa
 
     array = pa.array(hexes, pa.string())
+    if isinstance(array, pa.ChunkedArray):  # what a column read from Parquet holds
+        array = array.combine_chunks()
     if (
         array.null_count == 0
         and len(array)

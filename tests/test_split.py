@@ -142,3 +142,17 @@ def test_fast_regex_path_matches_python_re(pattern: str) -> None:
     keys = pd.Series(["good/12_1543.bmp", "bad/7_1.png", "x/(3).png", "nomatch", "good/a_b_c.png", "good/x5.png"])
     expected = keys.str.extract(re.compile(pattern), expand=True)[0].replace("", None)
     assert _first_group(keys, re.compile(pattern)).fillna("<na>").tolist() == expected.fillna("<na>").tolist()
+
+
+def test_md5_prefixes_from_parquet_backed_columns() -> None:
+    """Columns read from Parquet are chunked Arrow strings; slices keep an offset into the buffer."""
+    import pyarrow as pa
+
+    from tasks.split import _hex_prefix
+
+    values = [hashlib.md5(str(i).encode()).hexdigest() for i in range(1000)]
+    column = pa.table({"md5": pa.chunked_array([values[:400], values[400:]])}).to_pandas()["md5"]
+    expected = np.array([int(v[:16], 16) for v in values], dtype=np.uint64)
+    assert (_hex_prefix(column) == expected).all()
+    assert (_hex_prefix(column.iloc[7:]) == expected[7:]).all()
+    assert (_hex_prefix(pd.Series(values, dtype=object)) == expected).all()
