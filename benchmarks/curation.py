@@ -265,6 +265,7 @@ def split_validate_publish(rows: int) -> tuple[int, bool]:
 
     import fsspec
 
+    from tasks.diff import manifest_diff
     from tasks.expectations import validate_manifest
     from tasks.publish import Candidate, Store, claim_version, commit_record, serialize, sha256, write_version
 
@@ -284,7 +285,8 @@ def split_validate_publish(rows: int) -> tuple[int, bool]:
         }
     )
     diff = {"added": len(full), "removed": 0, "changed": 0}
-    candidate = Candidate(manifest=full, rejects=m.empty_frame(m.REJECTS_SCHEMA), diff=diff)
+    changes = manifest_diff(None, full)  # as the flow plans it
+    candidate = Candidate(manifest=full, rejects=m.empty_frame(m.REJECTS_SCHEMA), diff=diff, changes=changes)
     manifest, data, rejects = serialize(candidate, 1)
     validation = validate_manifest(
         m.to_table(manifest).to_pandas(),

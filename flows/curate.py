@@ -13,7 +13,7 @@ from loader import manifest as m
 from strata.config import DEFAULT_MANIFEST_ROOT, CurateOptions
 from strata.errors import CommitConflict, ValidationFailed
 from strata.storage import open_url
-from tasks.diff import Parent, diff_task, load_parent_task, manifest_diff
+from tasks.diff import Parent, diff_task, load_parent_task, manifest_diff, purpose_moved
 from tasks.duplicates import duplicates_task
 from tasks.expectations import validate_task
 from tasks.inspect import inspect_task
@@ -81,17 +81,12 @@ def _plan_candidate(
     manifest = result.samples
     changes = manifest_diff(parent.manifest, manifest)
     diff = {name: int((changes["change"] == name).sum()) for name in ("added", "removed", "changed")}
-    diff["purpose_changed"] = int(
-        (
-            changes["purpose_before"].notna()
-            & changes["purpose_after"].notna()
-            & (changes["purpose_before"] != changes["purpose_after"])
-        ).sum()
-    )
+    diff["purpose_changed"] = int(purpose_moved(changes).sum())
     return Candidate(
         manifest=manifest.sort_values(m.KEY, ignore_index=True),
         rejects=rejects.sort_values(m.KEY, ignore_index=True)[list(m.REJECT_COLUMNS)],
         diff=diff,
+        changes=changes,
     )
 
 

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from loader.sampling import GOLDEN, splitmix64
 from strata.errors import ConfigError
 
 __all__ = ["Augment", "sample_keys", "PARAMS"]
@@ -26,30 +27,21 @@ __all__ = ["Augment", "sample_keys", "PARAMS"]
 _WARP = slice(0, 8)  # ImageProjectiveTransformV3 row for every geometric step: output pixel -> input pixel
 _COLOUR = slice(8, 17)  # 3x3 matrix on RGB: saturation and hue (a rotation about the grey axis, in YIQ)
 _BRIGHTNESS, _CONTRAST, _NOISE = 17, 18, 19  # added value, contrast factor - 1, noise on (1) or off (0)
-_WARPED, _COLOURED = 20, 21  # whether the warp / the colour matrix differ from the identity
-PARAMS = 22
+_WARPED = 20  # whether the warp differs from the identity
+PARAMS = 21
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 _TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MASK = (1 << 64) - 1
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 def sample_keys(seed: int, md5s: np.ndarray, epochs: np.ndarray) -> np.ndarray:
     """A 64-bit key per sample from (seed, md5 hex, epoch): the only input of its augmentation."""
     halves = np.array([[int(h[:16], 16), int(h[16:32], 16)] for h in md5s], dtype=np.uint64).reshape(-1, 2)
-    key = _splitmix64(np.full(len(md5s), np.uint64(seed & _MASK)))
-    key = _splitmix64(key ^ halves[:, 0])
-    key = _splitmix64(key ^ halves[:, 1])
-    return _splitmix64(key ^ np.asarray(epochs, dtype=np.uint64))
+    key = splitmix64(np.full(len(md5s), np.uint64(seed & _MASK)))
+    key = splitmix64(key ^ halves[:, 0])
+    key = splitmix64(key ^ halves[:, 1])
+    return splitmix64(key ^ np.asarray(epochs, dtype=np.uint64))
 
 
 class _Uniforms:
@@ -60,7 +52,7 @@ class _Uniforms:
 
     def __call__(self, stream: int) -> np.ndarray:
         with np.errstate(over="ignore"):
-            bits = _splitmix64(self._keys + np.uint64(stream) * _GOLDEN)
+            bits = splitmix64(self._keys + np.uint64(stream) * GOLDEN)
         return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -190,15 +182,13 @@ class Augment:
             axis=1,
         )
         params[:, _WARPED] = flipped | flipped_vertical | (turns > 0) | zoomed | sheared | rotated | moved
-        colour = self._colour(u, hit)
-        params[:, _COLOUR] = colour.reshape(n, 9)
-        params[:, _COLOURED] = ~np.all(colour == np.eye(3), axis=(1, 2))
+        params[:, _COLOUR] = self._colour(u, hit).reshape(n, 9)
         params[:, _BRIGHTNESS] = np.where(hit(14, self.brightness), symmetric(15, self.max_brightness) * 255.0, 0.0)
         low, high = self.contrast_range
         params[:, _CONTRAST] = np.where(hit(16, self.contrast), low + u(17) * (high - low) - 1.0, 0.0)
         params[:, _NOISE] = hit(22, self.noise)
         with np.errstate(over="ignore"):
-            seeds = _splitmix64(keys + np.uint64(23) * _GOLDEN)
+            seeds = splitmix64(keys + np.uint64(23) * GOLDEN)
         noise_seeds = np.stack([seeds >> np.uint64(32), seeds & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
         return params.astype(np.float32), noise_seeds
 
@@ -221,20 +211,13 @@ class Augment:
     def apply(self, images: tf.Tensor, params: tf.Tensor, noise_seeds: tf.Tensor) -> tf.Tensor:
         """Augment a float32 batch ``[B, H, W, C]`` in 0..255 with its drawn parameters; returns 0..255.
 
-        Neutral parameters leave a sample's pixels bit-exact: every step adds ``0`` or multiplies by an exact
-        identity (masked arithmetic, which TensorFlow runs far faster than a broadcast ``tf.where``).
+        Neutral parameters leave a sample's pixels bit-exact: the warp and the noise touch only the samples
+        they hit, and the colour map of the others is exactly ``x @ I + 0``.
         """
 
-        def column(index: int) -> tf.Tensor:
-            return tf.reshape(params[:, index], [-1, 1, 1, 1])
-
-        def on_hits(hit: tf.Tensor | int, images: tf.Tensor, transform: Callable[..., tf.Tensor]) -> tf.Tensor:
-            """Transform only the samples a step hit (others keep their exact pixels, and cost nothing).
-
-            ``hit`` is a boolean per sample, or the index of a 0/1 parameter column.
-            """
-            mask = params[:, hit] > 0.5 if isinstance(hit, int) else hit
-            chosen = tf.where(mask)[:, 0]
+        def on_hits(flag: int, images: tf.Tensor, transform: Callable[..., tf.Tensor]) -> tf.Tensor:
+            """Transform only the samples whose 0/1 parameter ``flag`` is set (others keep exact pixels, free)."""
+            chosen = tf.where(params[:, flag] > 0.5)[:, 0]
             changed = transform(tf.gather(images, chosen), chosen)
             return tf.tensor_scatter_nd_update(images, chosen[:, None], changed)
 

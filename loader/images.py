@@ -225,9 +225,6 @@ class Reader:
                 time.sleep(_RETRIES[attempt])
                 attempt += 1
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -103,6 +103,7 @@ def from_manifest(
         uncommitted or tampered with.
     """
     channels = _check(locals())
+    epochs = sampling.epochs(repeat)
     resolved = m.open_version(uri, version, storage_options)
     frame = m.read_table(resolved).to_pandas()
     class_names = sorted(frame[m.CATEGORY].unique().tolist())
@@ -146,7 +147,7 @@ def from_manifest(
             0,
         ).astype(np.int32),
         draws=draws,
-        epochs=sampling.epochs(repeat),
+        epochs=epochs,
         reader=reader,
         augment=augment,
         shape=shape,
@@ -164,7 +165,7 @@ def from_manifest(
     dataset = dataset.map(lambda e: {k: v for k, v in e.items() if k not in ("data", "how", "scale")})
     size = balanced[0] * balanced[1] if balanced else batch_size
     dataset = dataset.batch(size, drop_remainder=bool(balanced))
-    batches = _batches(len(owned), size, sampling.epochs(repeat), bool(balanced))
+    batches = _batches(len(owned), size, epochs, bool(balanced))
     if batches is not None and (balanced or on_error == "raise"):  # skipping makes the count unknowable
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))  # Keras sizes epochs by it
     if augment is not None:
@@ -366,7 +367,6 @@ def _check(args: Mapping[str, Any]) -> int:
         unknown = [c for c in args["stratify_by"] if c not in m.COLUMNS]
         if unknown:
             raise ConfigError(f"stratify_by names unknown columns {unknown}; manifest columns: {', '.join(m.COLUMNS)}")
-    sampling.epochs(args["repeat"])
     return COLOR_MODES[args["color_mode"]]
 
 

@@ -31,6 +31,18 @@ WEIGHTINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "logx+1": lambda counts: np.log(counts) + 1.0,
 }
 
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer on uint64 arrays: a platform-independent hash behind every seeded key."""
+    with np.errstate(over="ignore"):
+        z = x + GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
 # Stream tags keep the random streams of different choices apart.
 _SHARD, _EPOCH, _GROUPS, _CYCLE = 1, 2, 3, 4
 

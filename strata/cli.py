@@ -25,6 +25,12 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _add_storage_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--storage-option", action="append", type=_key_value, default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _add_curate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split",
@@ -71,13 +77,9 @@ def _add_curate_options(parser: argparse.ArgumentParser) -> None:
         default=100_000_000,
         help="images with more pixels are rejected as too_large (default: %(default)s)",
     )
-    parser.add_argument(
-        "--storage-option",
-        action="append",
-        type=_key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec option for S3 and other remote URLs, e.g. endpoint_url=http://host:9000 "
+    _add_storage_option(
+        parser,
+        "fsspec option for S3 and other remote URLs, e.g. endpoint_url=http://host:9000 "
         "(repeatable). Credentials come from the AWS environment, never from here",
     )
     parser.add_argument("--quiet", action="store_true", help="print only the result, no progress logs")
@@ -175,13 +177,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_diff(args: argparse.Namespace) -> int:
     from loader import manifest as m
-    from tasks.diff import manifest_diff
+    from tasks.diff import manifest_diff, purpose_moved
 
     options = dict(args.storage_option)
     before, after = (m.read_manifest(args.dataset, v, options) for v in (args.a, args.b))
     changes = manifest_diff(before, after)
-    moved = changes["purpose_before"].notna() & changes["purpose_after"].notna()
-    moved &= changes["purpose_before"] != changes["purpose_after"]
+    moved = purpose_moved(changes)
     print(f"{args.dataset}: version {args.a} ({len(before)} samples) -> version {args.b} ({len(after)} samples)")
     for change, mark in (("added", "+"), ("removed", "-"), ("changed", "~")):
         rows = changes[changes["change"] == change]
@@ -246,14 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         "dataset", metavar="ROOT/NAME", help="dataset URI, e.g. manifests/vials or s3://bucket/manifests/vials"
     )
     show.add_argument("--version", type=int, default=None, help="version number (default: latest committed)")
-    show.add_argument(
-        "--storage-option",
-        action="append",
-        type=_key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec option for remote URLs (repeatable)",
-    )
+    _add_storage_option(show, "fsspec option for remote URLs (repeatable)")
     show.set_defaults(handler=cmd_show)
 
     diff = commands.add_parser(
@@ -265,14 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("dataset", metavar="ROOT/NAME", help="dataset URI, e.g. manifests/vials")
     diff.add_argument("a", type=int, metavar="A", help="the older version")
     diff.add_argument("b", type=int, metavar="B", help="the newer version")
-    diff.add_argument(
-        "--storage-option",
-        action="append",
-        type=_key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec option for remote URLs (repeatable)",
-    )
+    _add_storage_option(diff, "fsspec option for remote URLs (repeatable)")
     diff.set_defaults(handler=cmd_diff)
     return parser
 

@@ -65,6 +65,12 @@ def plan_changes(listing: pd.DataFrame, parent: pd.DataFrame | None, parent_reje
     )
 
 
+def purpose_moved(changes: pd.DataFrame) -> pd.Series:
+    """Which rows of a ``manifest_diff`` are keys kept in both versions whose purpose changed."""
+    kept = changes["purpose_before"].notna() & changes["purpose_after"].notna()
+    return kept & (changes["purpose_before"] != changes["purpose_after"])
+
+
 def manifest_diff(parent: pd.DataFrame | None, current: pd.DataFrame) -> pd.DataFrame:
     """Per-key differences between two manifests.
 

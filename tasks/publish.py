@@ -205,6 +205,7 @@ class Candidate:
     manifest: pd.DataFrame
     rejects: pd.DataFrame
     diff: dict[str, int]
+    changes: pd.DataFrame  # per-key differences from the parent (``tasks.diff.manifest_diff``)
 
 
 def serialize(candidate: Candidate, version: int) -> tuple[pd.DataFrame, bytes, bytes]:

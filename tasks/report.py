@@ -13,7 +13,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from pydantic import BaseModel
 
 from loader import manifest as m
-from tasks.diff import Parent, manifest_diff
+from tasks.diff import Parent, purpose_moved
 from tasks.listing import Listing
 from tasks.policy import stage
 from tasks.publish import Candidate, Store, counts_by_purpose
@@ -59,18 +59,20 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join([header, rule, *body])
 
 
-def diff_table(parent: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:
+def diff_table(changes: pd.DataFrame) -> pd.DataFrame:
     """Added, removed and changed samples per category, and how many kept keys changed purpose.
 
-    Columns: category, added, removed, changed, purpose_changed.
+    Args:
+        changes: a ``manifest_diff`` against the parent.
+
+    Returns:
+        Columns: category, added, removed, changed, purpose_changed.
     """
-    changes = manifest_diff(parent, manifest)
     table = pd.crosstab(changes[m.CATEGORY], changes["change"]).reindex(
         columns=["added", "removed", "changed"], fill_value=0
     )
-    moved = changes["purpose_before"].notna() & changes["purpose_after"].notna()
-    moved &= changes["purpose_before"] != changes["purpose_after"]
-    table["purpose_changed"] = changes[moved].groupby(m.CATEGORY).size().reindex(table.index, fill_value=0)
+    moved = changes[purpose_moved(changes)]
+    table["purpose_changed"] = moved.groupby(m.CATEGORY).size().reindex(table.index, fill_value=0)
     return table.rename_axis(m.CATEGORY).reset_index().astype({c: int for c in table.columns})
 
 
@@ -239,7 +241,7 @@ def report_task(
             description=f"{dataset}: samples per category and purpose",
         )
     if candidate is not None and not no_change:
-        changes = diff_table(parent.manifest, candidate.manifest)
+        changes = diff_table(candidate.changes)
         create_table_artifact(
             table=changes.to_dict(orient="records") or [{"category": "none", "added": 0}],
             key=artifact_key(dataset, "diff"),

@@ -18,6 +18,7 @@ import pandas as pd
 from prefect import get_run_logger
 
 from loader import manifest as m
+from loader.sampling import splitmix64
 from strata.errors import ConfigError
 from tasks.duplicates import connected_components
 from tasks.policy import stage
@@ -135,12 +136,7 @@ class SplitResult:
 
 def _mix(values: np.ndarray, seed: int) -> np.ndarray:
     """splitmix64 of ``values ^ seed``: a seeded, platform-independent order key."""
-    with np.errstate(over="ignore"):
-        z = values.astype(np.uint64) ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF)
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    return splitmix64(values.astype(np.uint64) ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
 
 
 _HEX = np.zeros(256, dtype=np.uint8)

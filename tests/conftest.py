@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import socket
+import struct
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -54,6 +56,16 @@ def encode(image: Image.Image, ext: str, **options: object) -> bytes:
         image = image.convert("RGB")
     image.save(buffer, format=fmt, **options)
     return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid small PNG whose IHDR is rewritten to claim another size (a decompression bomb header)."""
+    data = bytearray(encode(picture(1, (8, 8)), "png"))
+    ihdr = data[12:29]
+    body = ihdr[:4] + struct.pack(">II", width, height) + ihdr[12:]
+    data[12:29] = body
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(body)))
+    return bytes(data)
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import struct
-import zlib
 
 import imagehash
 import pandas as pd
@@ -14,7 +12,7 @@ from PIL import Image
 
 from loader import manifest as m
 from tasks.inspect import Inspected, Rejected, inspect_bytes, inspect_objects, phash
-from tests.conftest import VIAL, encode, picture
+from tests.conftest import VIAL, encode, picture, png_claiming
 
 CASES = [
     ("bmp", "RGB", 3),
@@ -56,16 +54,6 @@ def test_real_vial_photo_and_phash_matches_imagehash() -> None:
         assert f"{phash(image):016x}" == str(imagehash.phash(image))
 
 
-def _png_claiming(width: int, height: int) -> bytes:
-    """A valid small PNG whose IHDR is rewritten to claim another size (a decompression bomb header)."""
-    data = bytearray(encode(picture(1, (8, 8)), "png"))
-    ihdr = data[12:29]
-    body = ihdr[:4] + struct.pack(">II", width, height) + ihdr[12:]
-    data[12:29] = body
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(body)))
-    return bytes(data)
-
-
 def _truncated(ext: str) -> bytes:
     data = encode(picture(2, (200, 160)), ext)
     return data[: len(data) // 2]
@@ -77,7 +65,7 @@ REJECTS = {
     "truncated-jpeg": (_truncated("jpg"), ""),
     "truncated-png": (_truncated("png"), ""),
     "unsupported-ppm": (b"P6\n4 4\n255\n" + bytes(48), ""),
-    "too-large-header": (_png_claiming(100_000, 100_000), ""),
+    "too-large-header": (png_claiming(100_000, 100_000), ""),
     "checksum-mismatch": (encode(picture(1), "png"), "0123456789abcdef0123456789abcdef"),
 }
 EXPECTED = {

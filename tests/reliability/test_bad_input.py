@@ -5,8 +5,6 @@ content. Clear errors for a source with no images and a missing source."""
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from pathlib import Path
 
 import fsspec
@@ -17,16 +15,7 @@ from PIL import Image
 from flows.curate import curate_dataset
 from loader import manifest as m
 from strata.errors import SourceError
-from tests.conftest import encode, picture
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A valid small PNG whose IHDR claims another size (a decompression-bomb header)."""
-    data = bytearray(encode(picture(1, (8, 8)), "png"))
-    body = data[12:16] + struct.pack(">II", width, height) + data[24:29]
-    data[12:29] = body
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(body)))
-    return bytes(data)
+from tests.conftest import encode, picture, png_claiming
 
 
 def _animated_gif() -> bytes:
@@ -58,7 +47,7 @@ CORPUS: dict[str, tuple[bytes, str | tuple[int, int, int]]] = {
     "good/truncated.jpg": (encode(picture(8, (200, 160)), "jpg")[:900], "truncated"),
     "good/truncated.png": (encode(picture(9, (200, 160)), "png")[:700], "truncated"),
     "good/notes.png": (b"this is a text file, not a PNG\n", "unreadable"),
-    "good/bomb.png": (_png_claiming(100_000, 100_000), "too_large"),
+    "good/bomb.png": (png_claiming(100_000, 100_000), "too_large"),
     "good/animated.gif": (_animated_gif(), (40, 30, 3)),
     "good/deep16.png": (_png16(), (40, 30, 1)),
     "good/cmyk.jpg": (encode(GOOD.convert("CMYK"), "jpg"), (50, 40, 3)),  # decoded as RGB
