@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pandas as pd
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 
+from flows.runners import chunk_size, task_runner
 from loader import manifest as m
 from strata.config import DEFAULT_MANIFEST_ROOT, CurateOptions
+from strata.deployments import limit_name
 from strata.errors import CommitConflict, ValidationFailed
 from strata.storage import open_url
 from tasks.diff import Parent, diff_task, load_parent_task, manifest_diff, purpose_moved
@@ -26,21 +33,25 @@ COMMIT_ATTEMPTS = 3
 
 
 def _inspect(fs: Any, objects: pd.DataFrame, options: CurateOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Inspect objects in parallel chunks, logging progress as chunks finish."""
+    """Inspect objects in parallel chunks (threads, or Dask with ``options.dask``), logging progress."""
     logger = get_run_logger()
     if objects.empty:
         return objects.iloc[0:0], m.empty_frame(m.REJECTS_SCHEMA)
-    chunks = [objects.iloc[i : i + options.chunk_size] for i in range(0, len(objects), options.chunk_size)]
-    futures = [inspect_task.submit(fs, chunk, options.max_pixels) for chunk in chunks]
+    size = chunk_size(len(objects), options.chunk_size)
+    chunks = [objects.iloc[i : i + size] for i in range(0, len(objects), size)]
     accepted, rejects, done = [], [], 0
-    step = max(1, len(futures) // 10)
-    for finished, future in enumerate(as_completed(futures), start=1):
-        good, bad = future.result()
-        accepted.append(good)
-        rejects.append(bad)
-        done += len(good) + len(bad)
-        if finished % step == 0 or finished == len(futures):
-            logger.info("inspect: %d/%d objects read", done, len(objects))
+    step = max(1, len(chunks) // 10)
+    with task_runner(options.dask) as submit:
+        if options.dask:
+            logger.info("inspect: %d tasks on Dask (%s)", len(chunks), options.dask)
+        futures = [submit(inspect_task, fs=fs, objects=chunk, max_pixels=options.max_pixels) for chunk in chunks]
+        for finished, future in enumerate(as_completed(futures), start=1):
+            good, bad = future.result()
+            accepted.append(good)
+            rejects.append(bad)
+            done += len(good) + len(bad)
+            if finished % step == 0 or finished == len(futures):
+                logger.info("inspect: %d/%d objects read", done, len(objects))
     return pd.concat(accepted, ignore_index=True), pd.concat(rejects, ignore_index=True)
 
 
@@ -99,12 +110,41 @@ def curate_dataset(
 ) -> CurateSummary:
     """Curate the images under ``source`` into a new version of ``dataset`` under ``manifest_root``.
 
+    Runs of one dataset take turns on the global concurrency limit ``strata-dataset-<dataset>`` when it
+    exists (deploying or serving creates it); without it the commit protocol still keeps the store whole.
+
     Args:
         source: a folder or bucket prefix (any fsspec URL or local path) with one sub-folder per class.
         dataset: the dataset name; versions go to ``<manifest_root>/<dataset>/v000001``, ...
         manifest_root: where manifests live (fsspec URL or local path).
         options: split, seed, stratification, uniqueness and duplicate settings.
     """
+    with _dataset_turn(dataset):
+        return _curate(source, dataset, manifest_root, options)
+
+
+@contextmanager
+def _dataset_turn(dataset: str) -> Iterator[None]:
+    """Hold the dataset's concurrency slot for the whole run (waiting for a running one), if the limit exists."""
+    logger = get_run_logger()
+    name = limit_name(dataset)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            name = None
+    if name is None:
+        logger.info("no concurrency limit for %r: runs are not serialized (deploying or serving creates it)", dataset)
+        yield
+        return
+    started = time.monotonic()
+    logger.info("waiting for concurrency limit %r (one run of %r at a time)", name, dataset)
+    with concurrency(name, occupy=1, strict=True):
+        logger.info("concurrency limit %r acquired after %.1f s", name, time.monotonic() - started)
+        yield
+
+
+def _curate(source: str, dataset: str, manifest_root: str, options: CurateOptions) -> CurateSummary:
     logger = get_run_logger()
     source_fs, source_root = open_url(source, options.storage_options)
     store_fs, root_path = open_url(manifest_root, options.storage_options)

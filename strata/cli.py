@@ -82,6 +82,13 @@ def _add_curate_options(parser: argparse.ArgumentParser) -> None:
         "fsspec option for S3 and other remote URLs, e.g. endpoint_url=http://host:9000 "
         "(repeatable). Credentials come from the AWS environment, never from here",
     )
+    parser.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        default=None,
+        help="inspect on Dask: a scheduler address (tcp://host:8786; its workers need strata installed and "
+        "PREFECT_API_URL set) or 'local' for a cluster of one process per core (default: threads in this process)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print only the result, no progress logs")
 
 
@@ -105,6 +112,7 @@ def _options(args: argparse.Namespace) -> Any:
             fraction_tolerance=args.fraction_tolerance,
             min_stratum=args.min_stratum,
             storage_options=dict(args.storage_option),
+            dask=args.dask,
         )
     except ValidationError as err:
         problems = "; ".join(
@@ -196,6 +204,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from strata.deployments import serve
+
+    serve(args.prefect_file, args.name or None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="strata",
@@ -261,6 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("b", type=int, metavar="B", help="the newer version")
     _add_storage_option(diff, "fsspec option for remote URLs (repeatable)")
     diff.set_defaults(handler=cmd_diff)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the scheduled deployments of deployments/prefect.yaml in this process (no worker needed)",
+        description="Serve the curation deployments of a prefect.yaml with flow.serve: schedules fire and "
+        "runs triggered from the UI or API execute here until Ctrl-C. Creates each dataset's concurrency "
+        "limit. Needs a Prefect server (PREFECT_API_URL); run from the repository root, where the file's "
+        "relative paths point.",
+    )
+    serve.add_argument(
+        "--prefect-file",
+        default="deployments/prefect.yaml",
+        metavar="FILE",
+        help="deployment definitions (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--name", action="append", default=[], metavar="DEPLOYMENT", help="serve only this deployment (repeatable)"
+    )
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

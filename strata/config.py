@@ -14,7 +14,7 @@ STRATIFY_COLUMNS = ("category", "folder", "format", "channels")
 
 
 class CurateOptions(BaseModel):
-    """Options of ``curate_dataset``; every field is recorded in the manifest's ``parameters``."""
+    """Options of ``curate_dataset``; the fields that decide content are recorded in ``manifest.json``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -34,7 +34,11 @@ class CurateOptions(BaseModel):
     )
     min_stratum: int = Field(20, ge=1, description="strata with fewer samples are exempt from the fraction check")
     max_pixels: int = Field(100_000_000, gt=0, description="larger images are rejected as too_large")
-    chunk_size: int = Field(256, gt=0, le=100_000, description="objects per inspect task")
+    chunk_size: int = Field(256, gt=0, le=100_000, description="objects per inspect task (at least 1/1000 of them)")
+    dask: str | None = Field(
+        None,
+        description="Dask scheduler address (tcp://host:8786) for the inspect stage, or 'local' for a LocalCluster",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options without credentials (endpoint_url, region)"
     )
@@ -68,4 +72,4 @@ class CurateOptions(BaseModel):
 
     def recorded(self) -> dict[str, Any]:
         """The parameters written into ``manifest.json`` (what decides the content)."""
-        return self.model_dump(exclude={"chunk_size", "storage_options"})
+        return self.model_dump(exclude={"chunk_size", "dask", "storage_options"})

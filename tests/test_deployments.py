@@ -1,0 +1,276 @@
+"""Deployments on a real Prefect server: `prefect deploy` + a process worker, `strata serve`, and Dask.
+
+One `prefect server start` (temporary PREFECT_HOME, loopback port) serves the module; the scheduler
+service is off so that the hourly demo schedule cannot fire into the checkout during the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import requests
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.curate import curate_dataset
+from flows.runners import chunk_size
+from loader import manifest as m
+from strata.config import CurateOptions
+from strata.deployments import limit_name
+from tests.conftest import _free_port, encode, picture
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEPLOYMENT = "curate-dataset/vials-demo"
+
+
+def _wait_until(check: Callable[[], bool], what: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _start(command: list[Any], env: dict[str, str], log: Any = subprocess.DEVNULL) -> subprocess.Popen:
+    """Start a long-running command in its own process group (servers and workers fork children)."""
+    return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Interrupt the process group like Ctrl-C would, then kill what is left after 10 s."""
+    for sig, wait in ((signal.SIGINT, 10), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real `prefect server start` on SQLite; yields the environment that points processes at it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+    }
+    log = (home / "server.log").open("w")
+    port = url.split(":")[-1].split("/")[0]
+    process = _start([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port], env, log)
+
+    def healthy() -> bool:
+        assert process.poll() is None, (home / "server.log").read_text()
+        try:
+            return requests.get(f"{url}/health", timeout=2).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        _wait_until(healthy, "prefect server start")
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield env
+    finally:
+        _stop(process)
+        log.close()
+
+
+def _run(env: dict[str, str], *command: str | Path) -> str:
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def _source(tmp_path: Path, name: str, items: range) -> Path:
+    """Two classes, two photos per item; the file names hold the item (the demo's uniqueness regex)."""
+    source = tmp_path / name
+    for item in items:
+        for photo in range(2):
+            _picture(source / ("good" if item % 3 else "bad_cap") / f"{item}_{photo}.jpg", 100 + item * 5 + photo)
+    return source
+
+
+def _picture(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode(picture(seed), "jpg"))
+
+
+def _artifacts(flow_run_id: Any) -> dict[str, Any]:
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def _logs(flow_run_id: Any) -> list[str]:
+    """The run's log messages, once its last one ("Finished in state ...") reached the server."""
+    messages: list[str] = []
+
+    def complete() -> bool:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        messages[:] = [log.message for log in logs]
+        return any(line.startswith("Finished in state") for line in messages)
+
+    _wait_until(complete, f"the logs of flow run {flow_run_id}", timeout=60)
+    return messages
+
+
+def _trigger(source: Path, root: Path, timeout: float = 300) -> Any:
+    run = run_deployment(
+        DEPLOYMENT, parameters={"source": str(source), "manifest_root": str(root)}, timeout=timeout, poll_interval=1
+    )
+    return run
+
+
+def _committed(root: Path) -> list[dict[str, Any]]:
+    dataset = root / "vials"
+    return [json.loads(p.read_text()) for p in sorted(dataset.glob(f"v*/{m.COMMIT_FILE}"))]
+
+
+@pytest.fixture(scope="module")
+def worker(server: dict[str, str]) -> Iterator[None]:
+    """`prefect deploy --all` from deployments/prefect.yaml onto a process pool, and a worker for it."""
+    _run(server, BIN / "prefect", "work-pool", "create", "strata", "--type", "process")
+    out = _run(server, BIN / "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    assert "vials-demo" in out
+    process = _start([BIN / "prefect", "worker", "start", "--pool", "strata", "--type", "process"], server)
+    try:
+        yield
+    finally:
+        _stop(process)
+
+
+def test_deployed_runs_publish_new_data_and_skip_unchanged(worker: None, tmp_path: Path) -> None:
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+        limit = client.read_global_concurrency_limit_by_name(limit_name("vials"))
+    assert deployment.work_pool_name == "strata"
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 * * * *"]
+    assert deployment.parameters["options"]["uniqueness"] == r"(\d+)_\d+\.\w+$"
+    assert (limit.limit, limit.active) == (1, True)
+
+    source, root = _source(tmp_path, "src", range(6)), tmp_path / "manifests"
+    first = _trigger(source, root)
+    assert first.state.is_completed(), first.state
+    artifacts = _artifacts(first.id)
+    assert {"vials-summary", "vials-counts", "vials-diff", "vials-sample-grid"} <= set(artifacts)
+    assert "published version 1" in artifacts["vials-summary"].data
+    assert [c["version"] for c in _committed(root)] == [1]
+
+    shutil.copyfile(source / "good" / "1_0.jpg", source / "good" / "100_0.jpg")  # an exact duplicate
+    _picture(source / "bad_cap" / "101_0.jpg", 7)  # a new item
+    second = _trigger(source, root)
+    assert second.state.is_completed(), second.state
+    assert "published version 2" in _artifacts(second.id)["vials-summary"].data
+    versions = _committed(root)
+    assert [(c["version"], c["parent_version"]) for c in versions] == [(1, None), (2, 1)]
+    assert versions[1]["diff"]["added"] == 2 and versions[1]["diff"]["purpose_changed"] == 0
+
+    third = _trigger(source, root)
+    assert third.state.is_completed(), third.state
+    assert "no change since version 2" in _artifacts(third.id)["vials-summary"].data
+    assert len(_committed(root)) == 2
+    assert any("acquired" in line for line in _logs(third.id)), _logs(third.id)
+
+
+def test_two_runs_of_one_dataset_take_turns(worker: None, tmp_path: Path) -> None:
+    small, large = _source(tmp_path, "small", range(6)), _source(tmp_path, "large", range(9))
+    root = tmp_path / "manifests"
+    ids = [
+        run_deployment(DEPLOYMENT, parameters={"source": str(s), "manifest_root": str(root)}, timeout=0).id
+        for s in (small, large)
+    ]
+    with get_client(sync_client=True) as client:
+
+        def finished() -> bool:
+            return all(client.read_flow_run(i).state.is_final() for i in ids)
+
+        _wait_until(finished, "both flow runs", timeout=300)
+        runs = [client.read_flow_run(i) for i in ids]
+    assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
+    versions = _committed(root)
+    assert [(c["version"], c["parent_version"]) for c in versions] == [(1, None), (2, 1)]
+    assert {str(c["flow_run_id"]) for c in versions} == {str(i) for i in ids}  # one version each
+    by_run = {str(c["flow_run_id"]): c for c in versions}
+    assert {by_run[str(ids[0])]["rows"], by_run[str(ids[1])]["rows"]} == {12, 18}
+    logs = {str(i): _logs(i) for i in ids}
+    assert not any("re-planning" in line for lines in logs.values() for line in lines)  # no commit race
+    waited = [
+        float(line.split("after ")[1].split(" s")[0]) for lines in logs.values() for line in lines if "acquired" in line
+    ]
+    assert len(waited) == 2 and max(waited) > 1  # the second run waited for the first
+
+
+def test_strata_serve_runs_the_same_deployments(server: dict[str, str], tmp_path: Path) -> None:
+    with get_client(sync_client=True) as client:
+        try:  # the worker-run deployment of the tests above: serve must register its own
+            client.delete_deployment(client.read_deployment_by_name(DEPLOYMENT).id)
+        except ObjectNotFound:
+            pass
+    process = _start([BIN / "strata", "serve", "--name", "vials-demo"], server)
+    try:
+        with get_client(sync_client=True) as client:
+
+            def served() -> bool:
+                try:
+                    return client.read_deployment_by_name(DEPLOYMENT).work_pool_name is None
+                except ObjectNotFound:
+                    return False
+
+            _wait_until(served, "strata serve to register its deployment")
+        source, root = _source(tmp_path, "src", range(6)), tmp_path / "manifests"
+        run = _trigger(source, root)
+        assert run.state.is_completed(), run.state
+        assert [c["version"] for c in _committed(root)] == [1]
+    finally:
+        _stop(process)
+
+
+def test_dask_runner_gives_the_same_manifest_bytes(tmp_path: Path) -> None:
+    source = _source(tmp_path, "src", range(9))
+    (source / "good" / "99_0.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    digests = []
+    for name, dask in (("threads", None), ("dask", "local")):
+        options = CurateOptions(uniqueness=r"(\d+)_\d+\.\w+$", chunk_size=4, dask=dask)
+        summary = curate_dataset(
+            source=str(source), dataset="vials", manifest_root=str(tmp_path / name), options=options
+        )
+        assert summary.version == 1
+        version = tmp_path / name / "vials" / "v000001"
+        digests.append(
+            {f: hashlib.sha256((version / f).read_bytes()).hexdigest() for f in (m.MANIFEST_FILE, m.REJECTS_FILE)}
+        )
+    assert digests[0] == digests[1]
+
+
+def test_chunks_stay_few_at_scale() -> None:
+    assert chunk_size(10, 256) == 256
+    assert chunk_size(1_000_000, 256) == 1000  # 1,000 tasks, not 3,907 (or one per object)
