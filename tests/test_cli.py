@@ -15,7 +15,7 @@ from tests.conftest import encode, picture
 STRATA = [sys.executable, "-m", "strata.cli"]
 
 
-@pytest.mark.parametrize("command", [[], ["curate"], ["show"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["curate"], ["show"], ["demo"], ["diff"], ["serve"]])
 def test_help_answers(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main([*command, "--help"])
@@ -23,7 +23,15 @@ def test_help_answers(command: list[str], capsys: pytest.CaptureFixture[str]) ->
     out = capsys.readouterr().out
     assert "usage: strata" in out
     if command == ["curate"]:
-        for option in ("--split", "--seed", "--stratify", "--uniqueness", "--near-duplicates", "--storage-option"):
+        for option in (
+            "--split",
+            "--seed",
+            "--stratify",
+            "--uniqueness",
+            "--near-duplicates",
+            "--storage-option",
+            "--dask",
+        ):
             assert option in out
 
 
