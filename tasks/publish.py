@@ -6,15 +6,18 @@
    the commit. Until it exists, readers ignore the directory.
 4. Update the ``LATEST`` hint.
 
-A run that loses any of these races raises ``CommitConflict`` and re-plans on top of the winner. A crashed
-run leaves an uncommitted directory that readers ignore and later runs step over once its claim is stale.
+A run that loses any of these races raises ``CommitConflict`` and re-plans on top of the winner. A run
+killed before its commit leaves an uncommitted directory that readers ignore; the next run takes it over
+once its claimant is gone (``claim_gone``) and writes the version there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import socket
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,12 +27,13 @@ import fsspec
 import pandas as pd
 from fsspec.implementations.local import LocalFileSystem
 from prefect import get_run_logger
+from prefect.exceptions import MissingContextError
 
 from loader import manifest as m
 from strata.errors import CommitConflict
 from tasks.policy import stage
 
-STALE_AFTER_S = 6 * 3600  # an uncommitted claim older than this is a crashed run's debris
+STALE_AFTER_S = 6 * 3600  # a claim this old is debris even when nothing else says its run is gone
 
 
 @dataclass(frozen=True)
@@ -112,24 +116,76 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         handle.write(data)
 
 
-def _claim_age(store: Store, version: int) -> tuple[float, str]:
-    """Seconds since a version directory was claimed, and by which run (infinite age when unreadable)."""
+def _read_claim(store: Store, version: int) -> tuple[dict[str, Any], bytes]:
+    """A version's claim and its raw bytes (empty when missing or unreadable: a crash before it was written)."""
     try:
-        claim = json.loads(store.fs.cat_file(f"{store.version_path(version)}/{m.CLAIM_FILE}"))
-        claimed = datetime.fromisoformat(claim["claimed_at"])
-        return (datetime.now(UTC) - claimed).total_seconds(), str(claim.get("run_id"))
-    except (FileNotFoundError, ValueError, KeyError):
-        return float("inf"), "unknown"
+        raw = store.fs.cat_file(f"{store.version_path(version)}/{m.CLAIM_FILE}")
+        return json.loads(raw), raw
+    except (FileNotFoundError, ValueError):
+        return {}, b""
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow (tests, benchmarks)
+        return logging.getLogger(__name__)
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError, OverflowError):
+        return True
+    return True
+
+
+def _flow_run_final(run_id: str) -> str | None:
+    """The name of the flow run's final state (Crashed, Failed, ...), or None if running or unknown here."""
+    from prefect import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(uuid.UUID(run_id)).state
+    except Exception:  # no API, another server's run, not a UUID: fall back to the claim's age
+        return None
+    return state.name if state is not None and state.is_final() else None
+
+
+def claim_gone(claim: Mapping[str, Any], run_id: str, stale_after_s: float = STALE_AFTER_S) -> str | None:
+    """Why the claimant of an uncommitted version can no longer commit it, or None while it may.
+
+    Gone: this run's own earlier attempt (a retried publish), a process on this host that has exited, a
+    flow run in a final state (a worker marks a killed run Crashed), or a claim older than ``stale_after_s``.
+    """
+    if not claim:
+        return "no readable claim (a run stopped while claiming)"
+    owner = str(claim.get("run_id"))
+    if owner == run_id:
+        return "an earlier attempt of this run"
+    if claim.get("host") == socket.gethostname() and not _pid_alive(claim.get("pid")):
+        return f"its process {claim.get('pid')} on this host has exited"
+    final = _flow_run_final(owner)
+    if final:
+        return f"its flow run {owner} is {final}"
+    try:
+        age = (datetime.now(UTC) - datetime.fromisoformat(claim["claimed_at"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return "its claim has no readable time"
+    return f"it was claimed {age:.0f} s ago" if age >= stale_after_s else None
 
 
 def claim_version(store: Store, parent_version: int | None, run_id: str, stale_after_s: float = STALE_AFTER_S) -> int:
-    """Claim the version after the parent: exclusive create of its ``_claim.json``.
+    """Claim version parent+1: exclusive create of its ``_claim.json``, or take over a dead run's claim.
 
-    An uncommitted directory in the way is stepped over only when its claim is older than
-    ``stale_after_s`` (a crashed run's debris); a fresh one belongs to a run still writing.
+    An uncommitted directory whose claimant is gone (``claim_gone``) is taken over: exactly one run wins
+    the exclusive create of ``_takeover.<claim digest>.json``, deletes the debris and claims it afresh, so
+    version numbers stay contiguous after a crash.
 
     Raises:
-        CommitConflict: a version above the parent is committed, or another run holds a fresh claim.
+        CommitConflict: a version above the parent is committed, or a live run holds the claim.
     """
     committed = m.latest_version(store.fs, store.dataset_path)
     if committed != parent_version:
@@ -137,26 +193,40 @@ def claim_version(store: Store, parent_version: int | None, run_id: str, stale_a
             f"{store.uri}: version {committed} was committed while this run planned on "
             + (f"version {parent_version}" if parent_version is not None else "an empty dataset")
         )
-    existing = set(m.version_numbers(store.fs, store.dataset_path))
     version = (parent_version or 0) + 1
-    while version in existing:
-        age, owner = _claim_age(store, version)
-        if age < stale_after_s:
-            raise CommitConflict(
-                f"{store.uri}: version {version} is being written by run {owner} "
-                f"(claimed {age:.0f} s ago); re-run once it has committed"
-            )
-        version += 1
-    claim = {
-        "run_id": run_id,
-        "parent_version": parent_version,
-        "claimed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    store.fs.makedirs(store.version_path(version), exist_ok=True)
+    path = store.version_path(version)
+    claim = json.dumps(
+        {
+            "run_id": run_id,
+            "parent_version": parent_version,
+            "claimed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+    ).encode()
+    store.fs.makedirs(path, exist_ok=True)
     try:
-        _create(store.fs, f"{store.version_path(version)}/{m.CLAIM_FILE}", json.dumps(claim).encode())
+        _create(store.fs, f"{path}/{m.CLAIM_FILE}", claim)
+        return version
+    except FileExistsError:
+        pass
+    existing, raw = _read_claim(store, version)
+    reason = claim_gone(existing, run_id, stale_after_s)
+    if reason is None:
+        raise CommitConflict(
+            f"{store.uri}: version {version} is being written by run {existing.get('run_id')} "
+            f"(claimed at {existing.get('claimed_at')}); re-run once it has committed"
+        )
+    try:
+        _create(store.fs, f"{path}/_takeover.{sha256(raw)[:16]}.json", claim)
     except FileExistsError as err:
-        raise CommitConflict(f"{store.uri}: version {version} was claimed by another run just now") from err
+        raise CommitConflict(f"{store.uri}: another run took over uncommitted version {version} just now") from err
+    debris = [p for p in store.fs.ls(path, detail=False) if "/_takeover." not in p]
+    if any(p.endswith("/" + m.COMMIT_FILE) for p in debris):
+        raise CommitConflict(f"{store.uri}: version {version} was committed just now")
+    store.fs.rm(debris)
+    _create(store.fs, f"{path}/{m.CLAIM_FILE}", claim)
+    _logger().warning("publish: took over uncommitted version %d: %s", version, reason)
     return version
 
 

@@ -207,9 +207,15 @@ def test_commit_protocol_one_writer_wins_nothing_overwritten(tmp_path: Path, wri
     assert fs.cat_file(f"{path}/d/v000002/manifest.parquet") == b"parquet-a"
     assert fs.cat_file(f"{path}/d/v000001/manifest.parquet") == before
 
-    # A crashed run's stale claim is stepped over by the next run.
+    # A gone claimant's uncommitted version is taken over (debris deleted), a live one's is not.
     assert claim_version(store, 2, "run-c") == 3
-    assert claim_version(store, 2, "run-d", stale_after_s=0) == 4
+    fs.pipe_file(f"{path}/d/v000003/manifest.parquet", b"half-written")
+    with pytest.raises(CommitConflict, match="being written by run run-c"):
+        claim_version(store, 2, "run-d")
+    assert claim_version(store, 2, "run-d", stale_after_s=0) == 3
+    assert not fs.exists(f"{path}/d/v000003/manifest.parquet")
+    assert json.loads(fs.cat_file(f"{path}/d/v000003/_claim.json"))["run_id"] == "run-d"
+    assert claim_version(store, 2, "run-d") == 3  # a retried publish of the same run takes its own claim back
 
 
 def test_tampered_version_is_refused(tmp_path: Path, write_image: Callable[..., Path]) -> None:
