@@ -34,6 +34,10 @@ class IntegrityError(ManifestError):
     """A committed version does not match its recorded checksum, or is half-written."""
 
 
+class StorageError(StrataError):
+    """A storage request kept failing (after retries, when transient) or was refused; names stage and object."""
+
+
 class CommitConflict(StrataError):
     """Another run committed (or is committing) the version this run planned to write."""
 

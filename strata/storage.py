@@ -6,12 +6,16 @@ Everything here is protocol-agnostic: local paths, ``file://``, ``s3://`` and ``
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Mapping
 
 import fsspec
 from fsspec.core import url_to_fs
 
-__all__ = ["open_url", "object_uri", "is_transient", "SECRET_OPTION_KEYS"]
+from strata.errors import StorageError, StrataError
+
+__all__ = ["open_url", "object_uri", "is_transient", "naming", "SECRET_OPTION_KEYS"]
 
 # Storage options that carry credentials: never accepted as flow parameters, never logged.
 SECRET_OPTION_KEYS = frozenset(
@@ -93,3 +97,27 @@ def is_transient(err: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
+
+
+@contextmanager
+def naming(stage: str, uri: str | None = None) -> Iterator[None]:
+    """Re-raise a storage failure as ``StorageError`` naming the stage and the object (or prefix).
+
+    ``FileNotFoundError`` and ``FileExistsError`` pass unchanged (callers decide what they mean), as do
+    strata's own errors; so do errors that are not storage errors (bugs keep their type). The cause stays
+    chained, so ``is_transient`` still sees what happened and task retries still apply.
+    """
+    try:
+        yield
+    except (FileNotFoundError, FileExistsError, StrataError):
+        raise
+    except Exception as err:
+        if not (isinstance(err, OSError) or is_transient(err)):
+            raise
+        where = f"{stage}: {uri}" if uri else stage
+        fix = (
+            "the store kept failing after retries; re-run when it recovers"
+            if is_transient(err)
+            else "check the credentials, the bucket policy and the path"
+        )
+        raise StorageError(f"{where}: {type(err).__name__}: {err} ({fix})") from err

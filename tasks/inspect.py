@@ -19,6 +19,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
 from loader import manifest as m
+from strata.storage import naming
 from tasks.policy import stage
 
 # Pillow format name -> manifest format.
@@ -210,4 +211,9 @@ def inspect_task(
     fs: fsspec.AbstractFileSystem, objects: pd.DataFrame, max_pixels: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Inspect one chunk of objects (Prefect task: retries transient storage errors)."""
-    return inspect_objects(objects, lambda uri: fs.cat_file(fs._strip_protocol(uri)), max_pixels)
+
+    def read(uri: str) -> bytes:
+        with naming("inspect", uri):
+            return fs.cat_file(fs._strip_protocol(uri))
+
+    return inspect_objects(objects, read, max_pixels)

@@ -18,7 +18,7 @@ from prefect import get_run_logger
 
 from loader import manifest as m
 from strata.errors import SourceError
-from strata.storage import object_uri
+from strata.storage import naming, object_uri
 from tasks.policy import stage
 
 IMAGE_EXTENSIONS = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".jpe", ".gif", ".tif", ".tiff", ".webp"})
@@ -106,9 +106,10 @@ def list_source(fs: fsspec.AbstractFileSystem, root: str, source_uri: str) -> Li
     Raises:
         SourceError: the source does not exist, or holds no image in a class folder.
     """
-    if not fs.exists(root):
-        raise SourceError(f"source {source_uri} does not exist: check the path, bucket and credentials")
-    entries = fs.find(root, detail=True, withdirs=False)
+    with naming("list", source_uri):
+        if not fs.exists(root):
+            raise SourceError(f"source {source_uri} does not exist: check the path, bucket and credentials")
+        entries = fs.find(root, detail=True, withdirs=False)
     listing = listing_frame(fs, root, entries)
     if listing.objects.empty:
         skipped = ", ".join(f"{n} {ext}" for ext, n in sorted(listing.skipped.items())) or "nothing"

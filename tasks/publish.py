@@ -31,6 +31,7 @@ from prefect.exceptions import MissingContextError
 
 from loader import manifest as m
 from strata.errors import CommitConflict
+from strata.storage import naming
 from tasks.policy import stage
 
 STALE_AFTER_S = 6 * 3600  # a claim this old is debris even when nothing else says its run is gone
@@ -101,6 +102,11 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     On S3 one PUT is atomic. Locally the bytes go to a temporary file first and are hard-linked into place,
     so a reader never sees a half-written file and a second writer gets FileExistsError.
     """
+    with naming("publish", fs.unstrip_protocol(path)):
+        _create_unnamed(fs, path, data)
+
+
+def _create_unnamed(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         temporary = f"{path}.{uuid.uuid4().hex}.tmp"
         with open(temporary, "wb") as handle:
@@ -300,6 +306,19 @@ def publish_task(
     extra: Mapping[str, bytes] | None = None,
 ) -> tuple[int, str]:
     """Claim, write and commit a version (Prefect task). Returns (version, version URI)."""
+    with naming("publish", store.uri):
+        return _publish(store, candidate, parent_version, validation, record_fields, run_id, extra)
+
+
+def _publish(
+    store: Store,
+    candidate: Candidate,
+    parent_version: int | None,
+    validation: Mapping[str, Any],
+    record_fields: Mapping[str, Any],
+    run_id: str,
+    extra: Mapping[str, bytes] | None,
+) -> tuple[int, str]:
     version = claim_version(store, parent_version, run_id)
     manifest, manifest_bytes, rejects_bytes = serialize(candidate, version)
     record = commit_record(
@@ -329,6 +348,7 @@ def write_rejected(store: Store, run_id: str, validation: Mapping[str, Any]) -> 
 @stage("publish")
 def reject_task(store: Store, run_id: str, validation: Mapping[str, Any]) -> str:
     """Store a failed validation result beside the versions (Prefect task). Returns its URI."""
-    uri = write_rejected(store, run_id, validation)
+    with naming("publish", f"{store.uri}/{m.REJECTED_DIR}/{run_id}"):
+        uri = write_rejected(store, run_id, validation)
     get_run_logger().error("publish: nothing published; validation result kept at %s", uri)
     return uri

@@ -13,6 +13,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from pydantic import BaseModel
 
 from loader import manifest as m
+from strata.storage import naming
 from tasks.diff import Parent, purpose_moved
 from tasks.listing import Listing
 from tasks.policy import stage
@@ -152,7 +153,8 @@ def grid_task(fs: fsspec.AbstractFileSystem, manifest: pd.DataFrame, per_cell: i
         images: list[bytes | None] = []
         for path in cell[m.PATH]:
             try:
-                images.append(fs.cat_file(fs._strip_protocol(path)))
+                with naming("report", path):
+                    images.append(fs.cat_file(fs._strip_protocol(path)))
             except FileNotFoundError:
                 images.append(None)
         cells.append((f"{category} / {purpose}", images))
