@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from loader import manifest as m
 from strata.storage import naming
+from tasks.listing import etag_of
 from tasks.policy import stage
 
 # Pillow format name -> manifest format.
@@ -166,6 +167,7 @@ def inspect_objects(
     objects: pd.DataFrame,
     read: Callable[[str], bytes],
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    etag_now: Callable[[str], str | None] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Inspect listed objects, reading each once through ``read(path)``.
 
@@ -173,6 +175,8 @@ def inspect_objects(
         objects: listing rows (path, key, folder, category, size, etag, mtime).
         read: returns an object's bytes; raises FileNotFoundError when it vanished. Other errors propagate
             (the task retries transient ones).
+        etag_now: the object's current etag; asked only when the bytes contradict the listed etag, to tell
+            an object overwritten since the listing (``changed_during_run``) from corrupt bytes.
 
     Returns:
         ``(accepted, rejects)``: the listing rows extended with md5, format, width, height, channels,
@@ -193,6 +197,10 @@ def inspect_objects(
             rejects.append((path, key, size, etag, "changed_during_run", f"listed with {size} bytes, read {len(data)}"))
             continue
         result = inspect_bytes(data, etag, max_pixels)
+        if isinstance(result, Rejected) and result.reason == "checksum_mismatch" and etag_now is not None:
+            now = etag_now(path)
+            if now != etag:
+                result = Rejected("changed_during_run", f"overwritten after it was listed (etag {etag} -> {now})")
         if isinstance(result, Rejected):
             rejects.append((path, key, size, etag, result.reason, result.detail))
         else:
@@ -216,4 +224,11 @@ def inspect_task(
         with naming("inspect", uri):
             return fs.cat_file(fs._strip_protocol(uri))
 
-    return inspect_objects(objects, read, max_pixels)
+    def etag_now(uri: str) -> str | None:
+        try:
+            with naming("inspect", uri):
+                return etag_of(fs.info(fs._strip_protocol(uri), refresh=True))
+        except FileNotFoundError:
+            return None
+
+    return inspect_objects(objects, read, max_pixels, etag_now)

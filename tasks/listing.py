@@ -33,7 +33,7 @@ class Listing:
     skipped: Mapping[str, int] = field(default_factory=dict)  # extension -> count of non-image files
 
 
-def _etag(info: Mapping[str, Any]) -> str:
+def etag_of(info: Mapping[str, Any]) -> str:
     """The storage etag as listed; local files get a stand-in from size and mtime (never a plain MD5)."""
     for name in ("ETag", "etag", "e_tag"):
         value = info.get(name)
@@ -89,7 +89,7 @@ def listing_frame(fs: fsspec.AbstractFileSystem, root: str, entries: Mapping[str
                 posixpath.dirname(key),
                 category,
                 int(info.get("size") or 0),
-                _etag(info),
+                etag_of(info),
                 _mtime(info),
             )
         )

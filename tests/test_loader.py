@@ -327,8 +327,14 @@ def test_roi_resize_pad_rescale_and_labels(tmp_path: Path) -> None:
         loader.from_manifest(root, purpose="devel", roi=(30, 0, 20, 20))
 
 
-def test_tampered_and_uncommitted_versions_are_refused(tmp_path: Path) -> None:
+def test_tampered_uncommitted_and_other_schema_versions_are_refused(tmp_path: Path) -> None:
     root = publish(str(tmp_path), sized_classes({"a": 3}))
+    commit = Path(root) / "v000001" / m.COMMIT_FILE
+    original = commit.read_bytes()
+    commit.write_text(json.dumps({**json.loads(original), "schema_version": 2}))
+    with pytest.raises(ManifestError, match=r"v000001/manifest.json has schema_version 2; this strata reads version 1"):
+        loader.from_manifest(root, **GRAY)
+    commit.write_bytes(original)
     parquet = Path(root) / "v000001" / m.MANIFEST_FILE
     frame = pd.read_parquet(parquet)
     frame.loc[0, m.PURPOSE] = "devel"
