@@ -157,9 +157,9 @@ def _committed(root: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def worker(server: dict[str, str]) -> Iterator[None]:
-    """`prefect deploy --all` from deployments/prefect.yaml onto a process pool, and a worker for it."""
+    """`prefect deploy --all` (deployments/prefect.yaml) onto a process pool, and a worker for it."""
     _run(server, BIN / "prefect", "work-pool", "create", "strata", "--type", "process")
-    out = _run(server, BIN / "prefect", "--no-prompt", "deploy", "--all", "--prefect-file", "deployments/prefect.yaml")
+    out = _run(server, BIN / "prefect", "--no-prompt", "deploy", "--all")  # ./prefect.yaml links to deployments/
     assert "vials-demo" in out
     process = _start([BIN / "prefect", "worker", "start", "--pool", "strata", "--type", "process"], server)
     try:
