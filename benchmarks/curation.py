@@ -115,8 +115,8 @@ def split_frame(rows: int, seed: int = 0) -> pd.DataFrame:
 def _ours_split(frame: pd.DataFrame) -> pd.DataFrame:
     from tasks.split import assign_purposes, unique_ids
 
-    frame = frame.copy()
-    frame[m.UNIQUE_ID], _ = unique_ids(frame, SPLIT_REGEX)
+    ids, _ = unique_ids(frame, SPLIT_REGEX)
+    frame = frame.assign(**{m.UNIQUE_ID: ids})  # copy-on-write: the caller's frame is untouched, nothing copied
     return assign_purposes(frame, {"train": 0.8, "devel": 0.2}, 0, [m.CATEGORY]).samples
 
 

@@ -169,14 +169,23 @@ def _hex_prefix(hexes: pd.Series) -> np.ndarray:
 
 
 def _group_edges(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Edges joining each row to the first row with the same code (codes < 0 are ungrouped)."""
+    """Edges joining each row to the first row with the same code (codes < 0 are ungrouped).
+
+    ``codes`` must number groups in order of first appearance, as ``pd.factorize`` does: then a group's first
+    row is where the running maximum of the codes rises, and no scatter (``np.minimum.at``) is needed.
+    """
     n = len(codes)
     valid = codes >= 0
-    first = np.full(codes.max() + 1 if n and valid.any() else 0, n, dtype=np.int64)
-    rows = np.arange(n)
-    np.minimum.at(first, codes[valid], rows[valid])
-    left = rows[valid]
-    right = first[codes[valid]]
+    if not valid.any():
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    running = np.maximum.accumulate(codes)
+    rises = np.empty(n, dtype=bool)
+    rises[0] = True
+    np.greater(running[1:], running[:-1], out=rises[1:])
+    first = np.flatnonzero(rises & valid)
+    left = np.flatnonzero(valid)
+    right = first[codes[left]]
     keep = left != right
     return left[keep], right[keep]
 
@@ -300,10 +309,9 @@ def assign_purposes(
     names = np.array(purposes, dtype=object)
     purpose = purpose.to_numpy(dtype=object, copy=True)
     purpose[free_idx] = names[unit_purpose[free_inverse]]
-    out = frame.copy()
-    out[m.PURPOSE] = purpose
+    out = frame.assign(**{m.PURPOSE: purpose})  # copy-on-write: no copy of the other columns
     return SplitResult(
-        samples=out[~held].reset_index(drop=True),
+        samples=out[~held].reset_index(drop=True) if held.any() else out,
         held_out=frame[held].reset_index(drop=True),
         units=int(np.count_nonzero(np.bincount(unit))),
     )
