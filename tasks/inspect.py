@@ -16,6 +16,7 @@ from typing import Callable
 import fsspec
 import numpy as np
 import pandas as pd
+import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from loader import manifest as m
@@ -112,6 +113,25 @@ def _shrunk(image: Image.Image) -> Image.Image:
     return image.convert("L").reduce(factor) if factor >= 2 else image
 
 
+# 8-bit grey, RGB and RGBA PNGs (IHDR colour types 0, 2, 6): libspng decodes them to exactly Pillow's pixels
+# with SIMD unfiltering, in about half Pillow's time (the Paeth filter dominates PNG decoding).
+_SPNG_COLOUR_TYPES = {0: "L", 2: "RGB", 6: "RGBA"}
+
+
+def _png_pixels(data: bytes, image: Image.Image) -> Image.Image:
+    """The decoded PNG: through libspng for plain 8-bit images, else (or when it fails) through Pillow.
+
+    Any libspng failure falls back to Pillow, so truncated or corrupt files get Pillow's diagnosis.
+    """
+    if len(data) > 28 and data[24] == 8 and _SPNG_COLOUR_TYPES.get(data[25]) == image.mode:
+        try:
+            return Image.fromarray(pyspng.load(data), image.mode)
+        except (RuntimeError, ValueError):
+            pass
+    image.load()
+    return image
+
+
 def _channels(image: Image.Image) -> int:
     if image.mode == "P":
         return 4 if "transparency" in image.info else 3
@@ -146,7 +166,10 @@ def inspect_bytes(data: bytes, etag: str = "", max_pixels: int = DEFAULT_MAX_PIX
             channels = _channels(image)  # from the header: a draft decode changes the mode
             if fmt == "jpeg":
                 image.draft("L", (_HASH_SOURCE, _HASH_SOURCE))  # DCT-scaled: still reads and checks every byte
-            image.load()
+            if fmt == "png":
+                image = _png_pixels(data, image)
+            else:
+                image.load()
             hashed = phash(_shrunk(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return Rejected("too_large", str(err))

@@ -6,6 +6,7 @@ import hashlib
 import io
 
 import imagehash
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -123,3 +124,15 @@ def test_objects_that_change_or_vanish_during_the_run() -> None:
         "x/b.png": "changed_during_run",
         "x/c.png": "changed_during_run",
     }
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "1", "I;16"])
+def test_png_hash_is_the_same_through_libspng_and_pillow(mode: str) -> None:
+    from tasks.inspect import _shrunk
+
+    pixels = np.random.default_rng(3).integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).convert("I;16" if mode == "I;16" else mode)
+    data = encode(image, "png")
+    reference = Image.open(io.BytesIO(data))
+    reference.load()
+    assert inspect_bytes(data).phash == phash(_shrunk(reference))
