@@ -307,34 +307,22 @@ def publish_task(
 ) -> tuple[int, str]:
     """Claim, write and commit a version (Prefect task). Returns (version, version URI)."""
     with naming("publish", store.uri):
-        return _publish(store, candidate, parent_version, validation, record_fields, run_id, extra)
-
-
-def _publish(
-    store: Store,
-    candidate: Candidate,
-    parent_version: int | None,
-    validation: Mapping[str, Any],
-    record_fields: Mapping[str, Any],
-    run_id: str,
-    extra: Mapping[str, bytes] | None,
-) -> tuple[int, str]:
-    version = claim_version(store, parent_version, run_id)
-    manifest, manifest_bytes, rejects_bytes = serialize(candidate, version)
-    record = commit_record(
-        version=version,
-        parent_version=parent_version,
-        manifest=manifest,
-        rejects=candidate.rejects,
-        diff=candidate.diff,
-        manifest_sha256=sha256(manifest_bytes),
-        rejects_sha256=sha256(rejects_bytes),
-        validation=validation,
-        **record_fields,
-    )
-    uri = write_version(store, version, parent_version, manifest_bytes, rejects_bytes, validation, record, extra)
-    get_run_logger().info("publish: committed version %d at %s (%d rows)", version, uri, len(manifest))
-    return version, uri
+        version = claim_version(store, parent_version, run_id)
+        manifest, manifest_bytes, rejects_bytes = serialize(candidate, version)
+        record = commit_record(
+            version=version,
+            parent_version=parent_version,
+            manifest=manifest,
+            rejects=candidate.rejects,
+            diff=candidate.diff,
+            manifest_sha256=sha256(manifest_bytes),
+            rejects_sha256=sha256(rejects_bytes),
+            validation=validation,
+            **record_fields,
+        )
+        uri = write_version(store, version, parent_version, manifest_bytes, rejects_bytes, validation, record, extra)
+        get_run_logger().info("publish: committed version %d at %s (%d rows)", version, uri, len(manifest))
+        return version, uri
 
 
 def write_rejected(store: Store, run_id: str, validation: Mapping[str, Any]) -> str:

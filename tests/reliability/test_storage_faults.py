@@ -62,6 +62,15 @@ def _options(endpoint: str | None = None, **storage: Any) -> CurateOptions:
 FEW_RETRIES = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}
 
 
+def _failed_run(source: str, root: str, proxy: FaultProxy) -> str:
+    """Curate through the proxy with few client retries; the run must fail: its error message."""
+    state = curate_dataset(
+        source=source, dataset="d", manifest_root=root, options=_options(proxy.url, **FEW_RETRIES), return_state=True
+    )
+    assert state.is_failed()
+    return str(state.result(raise_on_failure=False))
+
+
 def _digests(s3: Any, root: str) -> dict[str, str]:
     version = f"{BUCKET}/{root}/d/{m.version_dir(1)}"
     return {f: hashlib.sha256(s3.cat_file(f"{version}/{f}")).hexdigest() for f in (m.MANIFEST_FILE, m.REJECTS_FILE)}
@@ -84,15 +93,7 @@ def test_an_object_that_keeps_failing_fails_the_run_naming_stage_and_object(
     s3: Any, source: str, proxy: FaultProxy, fast_retries: None
 ) -> None:
     proxy.decide = lambda method, path: "503" if method == "GET" and path.endswith("good/4_0.png") else None
-    state = curate_dataset(
-        source=source,
-        dataset="d",
-        manifest_root=f"s3://{BUCKET}/faulty",
-        options=_options(proxy.url, **FEW_RETRIES),
-        return_state=True,
-    )
-    assert state.is_failed()
-    message = str(state.result(raise_on_failure=False))
+    message = _failed_run(source, f"s3://{BUCKET}/faulty", proxy)
     assert "inspect" in message and f"{BUCKET}/src/good/4_0.png" in message, message
     assert proxy.count("GET", "good/4_0.png") > 4  # retried, by the client and by the task
     assert not s3.exists(f"{BUCKET}/faulty")  # nothing published, nothing half-written
@@ -102,15 +103,7 @@ def test_a_store_that_refuses_writes_fails_the_publish_with_nothing_written(
     s3: Any, source: str, proxy: FaultProxy, fast_retries: None
 ) -> None:
     proxy.decide = lambda method, path: "500" if method == "PUT" and path.startswith(f"/{BUCKET}/faulty/") else None
-    state = curate_dataset(
-        source=source,
-        dataset="d",
-        manifest_root=f"s3://{BUCKET}/faulty",
-        options=_options(proxy.url, **FEW_RETRIES),
-        return_state=True,
-    )
-    assert state.is_failed()
-    message = str(state.result(raise_on_failure=False))
+    message = _failed_run(source, f"s3://{BUCKET}/faulty", proxy)
     assert "publish" in message and f"{BUCKET}/faulty/d/{m.version_dir(1)}" in message, message
     assert s3.find(f"{BUCKET}/faulty") == []
     assert m.latest_version(s3, f"{BUCKET}/faulty/d") is None
@@ -132,15 +125,7 @@ def test_403_and_404_are_not_retried(s3: Any, source: str, proxy: FaultProxy, fa
 
     gate = True
     s3.pipe_file(f"{BUCKET}/src/good/2_1.jpg", encode(picture(1234), "jpg"))  # changed: read again
-    state = curate_dataset(
-        source=source,
-        dataset="d",
-        manifest_root=f"s3://{BUCKET}/m",
-        options=_options(proxy.url, **FEW_RETRIES),
-        return_state=True,
-    )
-    assert state.is_failed()
-    message = str(state.result(raise_on_failure=False))
+    message = _failed_run(source, f"s3://{BUCKET}/m", proxy)
     assert "inspect" in message and "good/2_1.jpg" in message and "denied" in message.lower(), message
     assert proxy.count("GET", "good/2_1.jpg") == 2  # once in the first run, once (no retry) in the second
     assert m.latest_version(s3, f"{BUCKET}/m/d") == 1
