@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +35,8 @@ from strata.errors import CommitConflict
 from strata.storage import naming
 from tasks.policy import stage
 
+CLAIM_WAIT_S = 120.0  # how long a live claimant gets to commit before this run gives up on the version
+CLAIM_POLL_S = 0.5
 STALE_AFTER_S = 6 * 3600  # a claim this old is debris even when nothing else says its run is gone
 
 
@@ -183,10 +186,36 @@ def claim_gone(claim: Mapping[str, Any], run_id: str, stale_after_s: float = STA
     return f"it was claimed {age:.0f} s ago" if age >= stale_after_s else None
 
 
-def claim_version(store: Store, parent_version: int | None, run_id: str, stale_after_s: float = STALE_AFTER_S) -> int:
+def _wait_for_claimant(
+    store: Store, version: int, run_id: str, stale_after_s: float, wait_s: float
+) -> tuple[dict[str, Any], bytes, str | None]:
+    """Poll a live claimant for up to ``wait_s``: it commits (CommitConflict: re-plan on its version) or is gone.
+
+    Returns the claim, its bytes, and why its claimant is gone (None if it still lives after ``wait_s``).
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        existing, raw = _read_claim(store, version)
+        reason = claim_gone(existing, run_id, stale_after_s)
+        if reason is not None or time.monotonic() >= deadline:
+            return existing, raw, reason
+        time.sleep(CLAIM_POLL_S)
+        if store.fs.exists(f"{store.version_path(version)}/{m.COMMIT_FILE}"):
+            raise CommitConflict(f"{store.uri}: version {version} was committed by run {existing.get('run_id')}")
+
+
+def claim_version(
+    store: Store,
+    parent_version: int | None,
+    run_id: str,
+    stale_after_s: float = STALE_AFTER_S,
+    wait_s: float = CLAIM_WAIT_S,
+) -> int:
     """Claim version parent+1: exclusive create of its ``_claim.json``, or take over a dead run's claim.
 
-    An uncommitted directory whose claimant is gone (``claim_gone``) is taken over: exactly one run wins
+    A live claimant is given ``wait_s`` to commit (its run is usually writing for seconds): then this run
+    re-plans on that version instead of burning its attempts on conflicts. An uncommitted directory whose
+    claimant is gone (``claim_gone``) is taken over: exactly one run wins
     the exclusive create of ``_takeover.<claim digest>.json``, deletes the debris and claims it afresh, so
     version numbers stay contiguous after a crash.
 
@@ -216,8 +245,7 @@ def claim_version(store: Store, parent_version: int | None, run_id: str, stale_a
         return version
     except FileExistsError:
         pass
-    existing, raw = _read_claim(store, version)
-    reason = claim_gone(existing, run_id, stale_after_s)
+    existing, raw, reason = _wait_for_claimant(store, version, run_id, stale_after_s, wait_s)
     if reason is None:
         raise CommitConflict(
             f"{store.uri}: version {version} is being written by run {existing.get('run_id')} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -190,14 +191,19 @@ def test_commit_protocol_one_writer_wins_nothing_overwritten(tmp_path: Path, wri
 
     assert claim_version(store, 1, "run-a") == 2
     with pytest.raises(CommitConflict, match="version 2 is being written by run run-a"):
-        claim_version(store, 1, "run-b")
+        claim_version(store, 1, "run-b", wait_s=0)
     # Readers ignore the claimed, uncommitted directory.
     assert m.latest_version(fs, store.dataset_path) == 1
     with pytest.raises(ManifestError, match="not committed"):
         m.open_version(f"{root}/d", 2)
 
+    # A run meeting a live claim waits for its commit, then re-plans on it (rather than failing at once).
     record = {"sha256": "x", "schema_version": m.SCHEMA_VERSION}
-    write_version(store, 2, 1, b"parquet-a", b"rejects-a", {"success": True}, record)
+    commit = threading.Timer(1.0, write_version, (store, 2, 1, b"parquet-a", b"rejects-a", {"success": True}, record))
+    commit.start()
+    with pytest.raises(CommitConflict, match="version 2 was committed by run run-a"):
+        claim_version(store, 1, "run-b", wait_s=60)
+    commit.join()
     with pytest.raises(CommitConflict, match="version 2 was committed while this run planned on version 1"):
         claim_version(store, 1, "run-b")
     with pytest.raises(FileExistsError):  # a second writer of a committed version cannot touch its files
@@ -211,7 +217,7 @@ def test_commit_protocol_one_writer_wins_nothing_overwritten(tmp_path: Path, wri
     assert claim_version(store, 2, "run-c") == 3
     fs.pipe_file(f"{path}/d/v000003/manifest.parquet", b"half-written")
     with pytest.raises(CommitConflict, match="being written by run run-c"):
-        claim_version(store, 2, "run-d")
+        claim_version(store, 2, "run-d", wait_s=0)
     assert claim_version(store, 2, "run-d", stale_after_s=0) == 3
     assert not fs.exists(f"{path}/d/v000003/manifest.parquet")
     assert json.loads(fs.cat_file(f"{path}/d/v000003/_claim.json"))["run_id"] == "run-d"

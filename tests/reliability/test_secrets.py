@@ -67,7 +67,10 @@ def test_a_canary_secret_appears_in_no_output(
     assert published.is_completed()
     texts += _run_outputs(published.state_details.flow_run_id)
 
-    with FaultProxy(moto_server, lambda method, path: "403" if method == "GET" else None) as proxy:
+    def deny_objects(method: str, path: str) -> str | None:  # listing allowed, every image read refused
+        return "403" if method == "GET" and "." in path.rsplit("/", 1)[-1] else None
+
+    with FaultProxy(moto_server, deny_objects) as proxy:
         denied = curate_dataset(
             source=f"s3://{BUCKET}/src",
             dataset="d",
