@@ -10,6 +10,7 @@ from importlib import resources
 from typing import Any, Sequence
 
 from strata.config import DEFAULT_MANIFEST_ROOT, STRATIFY_COLUMNS
+from strata.deployments import DEFAULT_PREFECT_FILE
 from strata.errors import ConfigError, StrataError
 
 DEMO_UNIQUENESS = r"(\d+)_\d+\.\w+$"
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--prefect-file",
-        default="deployments/prefect.yaml",
+        default=DEFAULT_PREFECT_FILE,
         metavar="FILE",
         help="deployment definitions (default: %(default)s)",
     )

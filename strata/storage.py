@@ -112,12 +112,13 @@ def naming(stage: str, uri: str | None = None) -> Iterator[None]:
     except (FileNotFoundError, FileExistsError, StrataError):
         raise
     except Exception as err:
-        if not (isinstance(err, OSError) or is_transient(err)):
+        transient = is_transient(err)
+        if not (transient or isinstance(err, OSError)):
             raise
         where = f"{stage}: {uri}" if uri else stage
         fix = (
             "the store kept failing after retries; re-run when it recovers"
-            if is_transient(err)
+            if transient
             else "check the credentials, the bucket policy and the path"
         )
         raise StorageError(f"{where}: {type(err).__name__}: {err} ({fix})") from err

@@ -106,23 +106,19 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     so a reader never sees a half-written file and a second writer gets FileExistsError.
     """
     with naming("publish", fs.unstrip_protocol(path)):
-        _create_unnamed(fs, path, data)
-
-
-def _create_unnamed(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    if isinstance(fs, LocalFileSystem):
-        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(temporary, "wb") as handle:
+        if isinstance(fs, LocalFileSystem):
+            temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                os.link(temporary, path)
+            finally:
+                os.unlink(temporary)
+            return
+        with fs.open(path, "xb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temporary, path)
-        finally:
-            os.unlink(temporary)
-        return
-    with fs.open(path, "xb") as handle:
-        handle.write(data)
 
 
 def _read_claim(store: Store, version: int) -> tuple[dict[str, Any], bytes]:

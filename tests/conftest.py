@@ -8,7 +8,7 @@ import socket
 import struct
 import zlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -81,6 +81,36 @@ def write_image(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+def run_artifacts(flow_run_id: Any) -> dict[str, Any]:
+    """A flow run's artifacts by key, read back through the Prefect client."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+def run_logs(flow_run_id: Any, timeout: float = 60) -> list[str]:
+    """A flow run's log messages, once its last one ("Finished in state ...") has reached the API."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with get_client(sync_client=True) as client:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        messages = [log.message for log in logs]
+        if any(line.startswith("Finished in state") for line in messages):
+            return messages
+        assert time.monotonic() < deadline, f"the logs of flow run {flow_run_id} did not arrive in {timeout:.0f} s"
+        time.sleep(0.5)
 
 
 def _free_port() -> int:

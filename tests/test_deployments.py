@@ -21,7 +21,6 @@ from typing import Any, Callable
 import pytest
 import requests
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -31,7 +30,7 @@ from flows.runners import chunk_size
 from loader import manifest as m
 from strata.config import CurateOptions
 from strata.deployments import limit_name
-from tests.conftest import _free_port, encode, picture
+from tests.conftest import _free_port, encode, picture, run_artifacts, run_logs
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -121,28 +120,6 @@ def _picture(path: Path, seed: int) -> None:
     path.write_bytes(encode(picture(seed), "jpg"))
 
 
-def _artifacts(flow_run_id: Any) -> dict[str, Any]:
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    return {a.key: a for a in found}
-
-
-def _logs(flow_run_id: Any) -> list[str]:
-    """The run's log messages, once its last one ("Finished in state ...") reached the server."""
-    messages: list[str] = []
-
-    def complete() -> bool:
-        with get_client(sync_client=True) as client:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        messages[:] = [log.message for log in logs]
-        return any(line.startswith("Finished in state") for line in messages)
-
-    _wait_until(complete, f"the logs of flow run {flow_run_id}", timeout=60)
-    return messages
-
-
 def _trigger(source: Path, root: Path, timeout: float = 300) -> Any:
     run = run_deployment(
         DEPLOYMENT, parameters={"source": str(source), "manifest_root": str(root)}, timeout=timeout, poll_interval=1
@@ -180,7 +157,7 @@ def test_deployed_runs_publish_new_data_and_skip_unchanged(worker: None, tmp_pat
     source, root = _source(tmp_path, "src", range(6)), tmp_path / "manifests"
     first = _trigger(source, root)
     assert first.state.is_completed(), first.state
-    artifacts = _artifacts(first.id)
+    artifacts = run_artifacts(first.id)
     assert {"vials-summary", "vials-counts", "vials-diff", "vials-sample-grid"} <= set(artifacts)
     assert "published version 1" in artifacts["vials-summary"].data
     assert [c["version"] for c in _committed(root)] == [1]
@@ -189,16 +166,16 @@ def test_deployed_runs_publish_new_data_and_skip_unchanged(worker: None, tmp_pat
     _picture(source / "bad_cap" / "101_0.jpg", 7)  # a new item
     second = _trigger(source, root)
     assert second.state.is_completed(), second.state
-    assert "published version 2" in _artifacts(second.id)["vials-summary"].data
+    assert "published version 2" in run_artifacts(second.id)["vials-summary"].data
     versions = _committed(root)
     assert [(c["version"], c["parent_version"]) for c in versions] == [(1, None), (2, 1)]
     assert versions[1]["diff"]["added"] == 2 and versions[1]["diff"]["purpose_changed"] == 0
 
     third = _trigger(source, root)
     assert third.state.is_completed(), third.state
-    assert "no change since version 2" in _artifacts(third.id)["vials-summary"].data
+    assert "no change since version 2" in run_artifacts(third.id)["vials-summary"].data
     assert len(_committed(root)) == 2
-    assert any("acquired" in line for line in _logs(third.id)), _logs(third.id)
+    assert any("acquired" in line for line in run_logs(third.id)), run_logs(third.id)
 
 
 def test_two_runs_of_one_dataset_take_turns(worker: None, tmp_path: Path) -> None:
@@ -221,7 +198,7 @@ def test_two_runs_of_one_dataset_take_turns(worker: None, tmp_path: Path) -> Non
     assert {str(c["flow_run_id"]) for c in versions} == {str(i) for i in ids}  # one version each
     by_run = {str(c["flow_run_id"]): c for c in versions}
     assert {by_run[str(ids[0])]["rows"], by_run[str(ids[1])]["rows"]} == {12, 18}
-    logs = {str(i): _logs(i) for i in ids}
+    logs = {str(i): run_logs(i) for i in ids}
     assert not any("re-planning" in line for lines in logs.values() for line in lines)  # no commit race
     waited = [
         float(line.split("after ")[1].split(" s")[0]) for lines in logs.values() for line in lines if "acquired" in line

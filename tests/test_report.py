@@ -11,15 +11,13 @@ import fsspec
 import pandas as pd
 import pytest
 from PIL import Image
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.curate import curate_dataset
 from loader import manifest as m
 from strata.cli import main
 from strata.config import CurateOptions
 from strata.errors import ValidationFailed
-from tests.conftest import encode, picture
+from tests.conftest import encode, picture, run_artifacts
 
 UNIQUENESS = r"(\d+)_\d+\.\w+$"
 
@@ -112,14 +110,6 @@ def test_flow_fails_without_publishing_on_each_broken_candidate(
     assert len(list((root / "d" / m.REJECTED_DIR).glob(f"*/{m.VALIDATION_FILE}"))) == 1
 
 
-def _artifacts(flow_run_id: object) -> dict[str, object]:
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
-    return {a.key: a for a in found}
-
-
 def test_report_artifacts_can_be_read_back_through_the_client(tmp_path: Path, write_image: Callable[..., Path]) -> None:
     seed(write_image)
     write_image("good/950_0.jpg", data=b"\xff\xd8\xff\xe0 truncated")
@@ -132,7 +122,7 @@ def test_report_artifacts_can_be_read_back_through_the_client(tmp_path: Path, wr
         return_state=True,
     )
     summary = state.result()
-    artifacts = _artifacts(state.state_details.flow_run_id)
+    artifacts = run_artifacts(state.state_details.flow_run_id)
     assert set(artifacts) == {
         "vials-counts",
         "vials-diff",

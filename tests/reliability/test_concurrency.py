@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import fsspec
 from prefect import get_client
 
 from flows.curate import curate_dataset
@@ -99,13 +100,7 @@ def test_two_flows_and_readers_at_once(tmp_path: Path, write_image: Callable[...
     committed = [m.open_version(dataset, n).info for n in (1, 2, 3)]
     assert [(c["version"], c["parent_version"]) for c in committed] == [(1, None), (2, 1), (3, 2)]
     assert sorted(c["rows"] for c in committed[1:]) == [16, 20]  # each run's own version, nothing lost
-    assert m.committed_versions(*_local(root / "d")) == [1, 2, 3]
+    assert m.committed_versions(fsspec.filesystem("file"), str(root / "d")) == [1, 2, 3]
     for name, versions in seen.items():
         assert versions and versions == sorted(versions), name  # never an older version after a newer one
         assert versions[-1] == 3, name
-
-
-def _local(path: Path) -> tuple[object, str]:
-    import fsspec
-
-    return fsspec.filesystem("file"), str(path)

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Callable
 
+import fsspec
 import pytest
 from prefect import get_client
 
@@ -108,7 +109,7 @@ def test_killed_runs_leave_the_store_valid_and_the_next_run_completes(
     assert (summary.version, summary.parent_version) == (2, 1)  # contiguous: the debris was taken over
     latest = m.read_manifest(str(root / "d"), "latest")
     assert len(latest) == 16 and set(latest[m.KEY]) >= set(v1[m.KEY])
-    assert m.version_numbers(*_local(root / "d")) == [1, 2]
+    assert m.version_numbers(fsspec.filesystem("file"), str(root / "d")) == [1, 2]
 
     # Killed after the commit, before the LATEST hint: the version stands, the next run sees no change.
     for item in range(16, 19):
@@ -117,9 +118,3 @@ def test_killed_runs_leave_the_store_valid_and_the_next_run_completes(
     assert m.open_version(str(root / "d"), "latest").number == 3
     summary = curate_dataset(source=str(source), dataset="d", manifest_root=str(root), options=options)
     assert not summary.published and "no change since version 3" in summary.message
-
-
-def _local(path: Path) -> tuple[object, str]:
-    import fsspec
-
-    return fsspec.filesystem("file"), str(path)

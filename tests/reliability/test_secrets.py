@@ -8,17 +8,15 @@ the manifest root are searched for the canary values.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
 
 from flows.curate import curate_dataset
 from strata.cli import main
 from strata.config import CurateOptions
-from tests.conftest import encode, picture
+from tests.conftest import encode, picture, run_artifacts, run_logs
 from tests.reliability.faultproxy import FaultProxy
 
 KEY_ID = "AKIACANARY0123456789"
@@ -29,21 +27,12 @@ BUCKET = "strata-test"
 
 
 def _run_outputs(flow_run_id: Any) -> list[str]:
-    """Every log message and artifact of a flow run, and its stored parameters, as text."""
+    """Every log message and artifact of a flow run, and its stored parameters and state, as text."""
     with get_client(sync_client=True) as client:
-        deadline = time.monotonic() + 60
-        while True:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-            if any(log.message.startswith("Finished in state") for log in logs) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
-        )
         run = client.read_flow_run(flow_run_id)
     return [
-        *(log.message for log in logs),
-        *(f"{a.key} {a.description} {a.data}" for a in artifacts),
+        *run_logs(flow_run_id),
+        *(f"{a.key} {a.description} {a.data}" for a in run_artifacts(flow_run_id).values()),
         repr(run.parameters),
         repr(run.state),
     ]
