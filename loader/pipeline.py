@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from loader import manifest as m
 from loader import sampling
 from loader.augment import PARAMS, Augment, sample_keys
-from loader.images import Reader, Skipped, decode, jpeg_scales, route
+from loader.images import Reader, Skipped, decode, jpeg_scales, route, uniform_jpeg
 from strata.errors import ConfigError, ImageError, ManifestError
 from strata.storage import open_url
 
@@ -156,13 +156,17 @@ def from_manifest(
         members=[owned[codes[owned] == c] for c in range(codes.max() + 1)] if balanced else None,
     )
 
-    dataset = tf.data.Dataset.from_generator(elements, output_signature=elements.signature()).unbatch()
-    dataset = dataset.map(
-        lambda e: {**e, "image": decode(e["data"], e["how"], e["scale"], channels, image_size, keep_aspect_ratio, roi)},
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
+    uniform = uniform_jpeg(
+        rows[m.FORMAT].to_numpy(), elements.scales, rows[m.WIDTH].to_numpy(), rows[m.HEIGHT].to_numpy(), image_size, roi
     )
-    dataset = dataset.map(lambda e: {k: v for k, v in e.items() if k not in ("data", "how", "scale")})
+
+    def decoded(e: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = decode(e["data"], e["how"], e["scale"], channels, image_size, keep_aspect_ratio, roi, uniform)
+        return {"image": image, **{k: v for k, v in e.items() if k not in ("data", "how", "scale")}}
+
+    dataset = tf.data.Dataset.from_generator(elements, output_signature=elements.signature()).unbatch()
+    # One map straight before batch: tf.data fuses the two and decodes into the batch's memory.
+    dataset = dataset.map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     size = balanced[0] * balanced[1] if balanced else batch_size
     dataset = dataset.batch(size, drop_remainder=bool(balanced))
     batches = _batches(len(owned), size, epochs, bool(balanced))
@@ -255,7 +259,7 @@ class _Elements:
         self._formats = rows[m.FORMAT].to_numpy()
         self._md5s = rows[m.MD5].to_numpy()
         self._labels = labels
-        self._scales = scales
+        self.scales = scales
         self._draws = draws
         self._epochs = epochs
         self._reader = reader
@@ -315,7 +319,7 @@ class _Elements:
         element = {
             "data": np.asarray(data, dtype=object).reshape(-1),
             "how": np.array([route(self._formats[r], d) for r, d in zip(rows, data, strict=False)], dtype=np.int32),
-            "scale": self._scales[rows],
+            "scale": self.scales[rows],
             "label": self._labels[rows],
         }
         if self._augment is not None:

@@ -22,6 +22,7 @@ from PIL import Image
 import loader
 from loader import manifest as m
 from loader.augment import sample_keys
+from loader.images import JPEG, decode, jpeg_scales, uniform_jpeg
 from loader.pipeline import _augmented
 from loader.sampling import group_probabilities
 from strata.errors import ConfigError, IntegrityError, ManifestError
@@ -296,6 +297,29 @@ def test_large_jpegs_decode_at_reduced_scale_without_losing_quality(tmp_path: Pa
     full = tf.image.resize(tf.io.decode_jpeg(data, channels=3), (224, 224), antialias=True).numpy()
     assert fast.shape == (224, 224, 3)
     assert np.abs(fast - full).mean() < 3.0
+
+
+@pytest.mark.parametrize(
+    ("size", "roi", "pad"),
+    [
+        ((224, 224), None, False),
+        ((100, 120), (48, 64, 320, 400), True),
+        ((40, 40), None, False),
+        ((40, 40), (1, 0, 400, 400), False),
+    ],
+)
+def test_uniform_jpegs_decode_like_the_general_graph(size, roi, pad) -> None:
+    """A manifest of same-size JPEGs gets a graph without branches; its pixels equal the general graph's."""
+    data = encode(Image.open(VIAL).convert("RGB").resize((640, 480)), "jpg", quality=90)
+    widths, heights, formats = np.array([640, 640]), np.array([480, 480]), np.array(["jpeg", "jpeg"])
+    scales = jpeg_scales(widths, heights, size, roi, pad)
+    uniform = uniform_jpeg(formats, scales, widths, heights, size, roi)
+    assert uniform is not None and uniform[1] == (roi is not None and roi[0] == 1)  # shrinks > 2x only there
+    general = decode(tf.constant(data), tf.constant(JPEG), tf.constant(scales[0]), 3, size, pad, roi)
+    fast = decode(tf.constant(data), tf.constant(JPEG), tf.constant(scales[0]), 3, size, pad, roi, uniform)
+    np.testing.assert_array_equal(fast.numpy(), general.numpy())
+    assert uniform_jpeg(np.array(["jpeg", "png"]), scales, widths, heights, size, roi) is None
+    assert uniform_jpeg(formats, np.array([1, 2]), widths, heights, size, roi) is None
 
 
 def test_roi_resize_pad_rescale_and_labels(tmp_path: Path) -> None:
