@@ -96,6 +96,17 @@ def route(fmt: str, data: bytes) -> int:
     return NATIVE
 
 
+def read_checked(path: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
+    """Read a verified image's file in the graph, failing with its path when its size changed since."""
+    data = tf.io.read_file(path)
+    same = tf.debugging.Assert(
+        tf.equal(tf.strings.length(data), size),
+        ["image changed since this process verified its md5; re-curate the dataset:", path],
+    )
+    with tf.control_dependencies([same]):
+        return tf.identity(data)
+
+
 def _pil_decode(data: bytes, channels: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         image.seek(0)
@@ -217,6 +228,20 @@ class Reader:
         self._threads = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="strata-read")
 
+    @property
+    def local_paths(self) -> np.ndarray | None:
+        """Per row, a local file holding its bytes once the row is verified (the image itself, or its cache
+        entry), for TensorFlow to read in the graph; None when the bytes live only in remote storage."""
+        if self._local:
+            return np.asarray(self._paths, dtype=object)
+        if self._cache is not None:
+            return np.asarray([str(self._cache / md5[:2] / md5) for md5 in self._md5s], dtype=object)
+        return None
+
+    def verified(self, row: int) -> bool:
+        """Whether the row's bytes matched its md5 once in this process (later reads check the size only)."""
+        return row in self._verified
+
     def submit(self, rows: Sequence[int]) -> list[Future]:
         """Start reading ``rows``: one task per thread, each a contiguous slice (a future per file costs more
         than reading a local file). :meth:`results` turns the futures back into one outcome per row."""
@@ -245,6 +270,7 @@ class Reader:
         if cached is not None and cached.exists():
             data = cached.read_bytes()
             if hashlib.md5(data).hexdigest() == expected:
+                self._verified.add(row)
                 return data
         data = self._fetch(row)
         if row in self._verified and len(data) == self._sizes[row]:

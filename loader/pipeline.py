@@ -1,8 +1,9 @@
 """``from_manifest()``: one committed manifest version as a seeded, stratified ``tf.data`` pipeline.
 
 The pipeline reads as its stages: resolve and verify the version (``manifest``), choose rows (``sampling``),
-read and verify bytes (``images.Reader``, Python threads, read-ahead), decode/crop/resize in parallel
-(``images.decode``), batch, augment the batch (``augment``, on the GPU when one is visible), rescale and label.
+read and verify bytes (``images.Reader``, Python threads, read-ahead; once verified, local files are read
+in the graph), decode/crop/resize in parallel (``images.decode``), batch, augment the batch (``augment``, on
+the GPU when one is visible), rescale and label.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fsspec.implementations.local import LocalFileSystem
 from loader import manifest as m
 from loader import sampling
 from loader.augment import PARAMS, Augment, sample_keys
-from loader.images import Reader, Skipped, decode, jpeg_scales, route, uniform_jpeg
+from loader.images import Reader, Skipped, decode, jpeg_scales, read_checked, route, uniform_jpeg
 from strata.errors import ConfigError, ImageError, ManifestError
 from strata.storage import open_url
 
@@ -149,6 +150,7 @@ def from_manifest(
         draws=draws,
         epochs=epochs,
         reader=reader,
+        paths=reader.local_paths if on_error == "raise" else None,
         augment=augment,
         shape=shape,
         seed=seed,
@@ -161,8 +163,9 @@ def from_manifest(
     )
 
     def decoded(e: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        image = decode(e["data"], e["how"], e["scale"], channels, image_size, keep_aspect_ratio, roi, uniform)
-        return {"image": image, **{k: v for k, v in e.items() if k not in ("data", "how", "scale")}}
+        data = e["data"] if elements.paths is None else read_checked(e["path"], e["size"])
+        image = decode(data, e["how"], e["scale"], channels, image_size, keep_aspect_ratio, roi, uniform)
+        return {"image": image, **{k: v for k, v in e.items() if k not in ("data", "path", "size", "how", "scale")}}
 
     dataset = tf.data.Dataset.from_generator(elements, output_signature=elements.signature()).unbatch()
     # One map straight before batch: tf.data fuses the two and decodes into the batch's memory.
@@ -237,8 +240,12 @@ def _finish(
 class _Elements:
     """The generator behind the dataset: draws rows, reads their bytes ahead, yields chunks of elements.
 
-    Each iteration of the dataset calls it anew and continues with the next epochs, so repeated
-    iteration (``model.fit(epochs=...)``) sees fresh orders while every process sees the same sequence.
+    With ``paths`` (local files, or a local cache of remote ones) it yields paths: it reads and verifies only
+    rows this process has not verified yet, and the graph reads the files itself, so a warm epoch runs no
+    Python per image. Without (remote bytes not cached, or ``on_error="skip"``, which must catch every read)
+    it yields the bytes. Each iteration of the dataset calls it anew and continues with the next epochs, so
+    repeated iteration (``model.fit(epochs=...)``) sees fresh orders while every process sees the same
+    sequence.
     """
 
     def __init__(
@@ -249,6 +256,7 @@ class _Elements:
         draws: Any,
         epochs: int | None,
         reader: Reader,
+        paths: np.ndarray | None,
         augment: Augment | None,
         shape: tuple[int, int],
         seed: int,
@@ -258,11 +266,15 @@ class _Elements:
         self._uris = rows[m.PATH].to_numpy()
         self._formats = rows[m.FORMAT].to_numpy()
         self._md5s = rows[m.MD5].to_numpy()
+        self._sizes = rows[m.SIZE].to_numpy().astype(np.int32)
+        # How to decode each row; a BMP's route depends on its header, known once its bytes were read.
+        self._routes = np.array([route(f, b"") if f != "bmp" else -1 for f in self._formats], dtype=np.int32)
         self._labels = labels
         self.scales = scales
         self._draws = draws
         self._epochs = epochs
         self._reader = reader
+        self.paths = paths
         self._augment = augment
         self._shape = shape
         self._seed = seed
@@ -274,11 +286,14 @@ class _Elements:
 
     def signature(self) -> dict[str, tf.TensorSpec]:
         spec = {
-            "data": tf.TensorSpec([None], tf.string),
             "how": tf.TensorSpec([None], tf.int32),
             "scale": tf.TensorSpec([None], tf.int32),
             "label": tf.TensorSpec([None], tf.int32),
         }
+        if self.paths is not None:
+            spec["path"], spec["size"] = tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)
+        else:
+            spec["data"] = tf.TensorSpec([None], tf.string)
         if self._augment is not None:
             spec["params"] = tf.TensorSpec([None, PARAMS], tf.float32)
             spec["noise_seed"] = tf.TensorSpec([None, 2], tf.int64)
@@ -290,7 +305,10 @@ class _Elements:
         first = iteration * self._epochs if self._epochs else 0
         pending: deque = deque()
         for rows, groups, epoch in self._chunks(first):
-            pending.append((rows, groups, epoch, self._reader.submit(rows)))
+            reads = rows.tolist()
+            if self.paths is not None:
+                reads = [row for row in reads if not self._reader.verified(row)]
+            pending.append((rows, groups, epoch, reads, self._reader.submit(reads)))
             if len(pending) > _AHEAD:
                 yield self._element(*pending.popleft())
         while pending:
@@ -301,27 +319,34 @@ class _Elements:
             for start in range(0, len(draws.rows), _CHUNK):
                 yield draws.rows[start : start + _CHUNK], draws.groups[start : start + _CHUNK], draws.epoch
 
-    def _element(self, rows: np.ndarray, groups: np.ndarray, epoch: int, reads: list) -> dict[str, np.ndarray]:
-        kept, data = [], []
-        for row, group, read in zip(rows.tolist(), groups.tolist(), Reader.results(reads), strict=True):
-            if not isinstance(read, ImageError):
-                data.append(read)
-                kept.append(row)
-            else:
+    def _element(
+        self, rows: np.ndarray, groups: np.ndarray, epoch: int, reads: list[int], futures: list
+    ) -> dict[str, np.ndarray]:
+        if self.paths is not None:
+            for row, read in zip(reads, Reader.results(futures), strict=True):
+                if isinstance(read, ImageError):
+                    raise read
+                self._routes[row] = route(self._formats[row], read)
+            element = {"path": self.paths[rows], "size": self._sizes[rows]}
+        else:
+            kept, data = [], []
+            for row, group, read in zip(rows.tolist(), groups.tolist(), Reader.results(futures), strict=True):
+                if not isinstance(read, ImageError):
+                    kept.append(row)
+                    data.append(read)
+                    continue
                 if not self._skip:
                     raise read
                 self.skipped.add(self._uris[row], str(read))
                 if self._members is not None:  # balanced: keep the batch whole with another image of the class
-                    row, payload = self._substitute(row, group)
+                    row, read = self._substitute(row, group)
                     kept.append(row)
-                    data.append(payload)
-        rows = np.asarray(kept, dtype=np.int64)
-        element = {
-            "data": np.asarray(data, dtype=object).reshape(-1),
-            "how": np.array([route(self._formats[r], d) for r, d in zip(rows, data, strict=False)], dtype=np.int32),
-            "scale": self.scales[rows],
-            "label": self._labels[rows],
-        }
+                    data.append(read)
+            for row, read in zip(kept, data, strict=True):
+                self._routes[row] = route(self._formats[row], read)
+            rows = np.asarray(kept, dtype=np.int64)
+            element = {"data": np.asarray(data, dtype=object).reshape(-1)}
+        element.update(how=self._routes[rows], scale=self.scales[rows], label=self._labels[rows])
         if self._augment is not None:
             keys = sample_keys(self._seed, self._md5s[rows], np.full(len(rows), epoch))
             element["params"], element["noise_seed"] = self._augment.draw(keys, *self._shape)

@@ -382,6 +382,11 @@ def test_missing_or_changed_images_raise_naming_the_path_or_are_skipped(tmp_path
         list(loader.from_manifest(root, stratify_by=None, shuffle=False, **GRAY))
     ds = loader.from_manifest(root, stratify_by=None, on_error="skip", **GRAY)
     assert sorted(v for x, _ in ds for v in ids(x)) == [0, 1, 3, 4, 5, 6, 7, 9, 10, 11]
+    warm = loader.from_manifest(publish(str(tmp_path / "warm"), sized_classes({"a": 3})), **GRAY)
+    list(warm)  # every image verified by md5; later epochs read the files in the graph, checking their size
+    (tmp_path / "warm" / "images" / "a" / "0.png").write_bytes(constant(0) + b"appended")
+    with pytest.raises(tf.errors.OpError, match="image changed since this process verified its md5.*a/0.png"):
+        list(warm)
     assert ds.skipped.count == 2 and any(p.endswith("a/2.png") for p in ds.skipped.paths)
     balanced = loader.from_manifest(root, balanced=(2, 3), on_error="skip", repeat=2, **GRAY)
     assert all(x.shape[0] == 6 and 2 not in ids(x) and 8 not in ids(x) for x, _ in balanced)
