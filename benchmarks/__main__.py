@@ -34,7 +34,7 @@ TARGETS = {
 SIZES = {
     "full": {
         "loader": 600,
-        "rounds": 3,
+        "rounds": 6,
         "inspect": 200,
         "split": 1_000_000,
         "incremental": 10_000,
