@@ -20,7 +20,7 @@ from strata.config import DEFAULT_MANIFEST_ROOT, CurateOptions
 from strata.deployments import limit_name
 from strata.errors import CommitConflict, ValidationFailed
 from strata.storage import open_url
-from tasks.diff import Parent, diff_task, load_parent_task, manifest_diff, purpose_moved
+from tasks.diff import Parent, diff_task, isin, load_parent_task, manifest_diff, purpose_moved
 from tasks.duplicates import duplicates_task
 from tasks.expectations import validate_task
 from tasks.inspect import inspect_task
@@ -75,7 +75,7 @@ def _plan_candidate(
         if result.held_out.empty:
             break
         held_out.append(result.held_out)
-        samples = samples[~samples[m.KEY].isin(result.held_out[m.KEY])].reset_index(drop=True)
+        samples = samples[~isin(samples[m.KEY], result.held_out[m.KEY])].reset_index(drop=True)
     if held_out:
         conflicts = pd.concat(held_out, ignore_index=True)
         rejects = pd.concat(
@@ -164,7 +164,7 @@ def _curate(source: str, dataset: str, manifest_root: str, options: CurateOption
             return report_task(store, parent, None, None, listing, parameters=recorded, no_change=True)
         # Inspect only what no earlier attempt of this run has read.
         seen = inspected[[m.KEY, m.SIZE, m.ETAG]].merge(plan.to_inspect, on=[m.KEY, m.SIZE, m.ETAG])
-        fresh = plan.to_inspect[~plan.to_inspect[m.KEY].isin(seen[m.KEY])]
+        fresh = plan.to_inspect[~isin(plan.to_inspect[m.KEY], seen[m.KEY])]
         good, bad = _inspect(source_fs, fresh, options)
         inspected = pd.concat([inspected, good], ignore_index=True)
         inspect_rejects = pd.concat([inspect_rejects, bad], ignore_index=True)

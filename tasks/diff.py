@@ -8,9 +8,13 @@ are retried.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import fsspec
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger
 
 from loader import manifest as m
@@ -50,19 +54,27 @@ def plan_changes(listing: pd.DataFrame, parent: pd.DataFrame | None, parent_reje
 
     carried = parent.merge(now, on=_IDENTITY, how="inner", validate="one_to_one")
     carried[m.PATH] = carried.pop("_listed_path")
-    settled = parent_rejects[~parent_rejects[m.REASON].isin(RETRY_REASONS)]
+    settled = parent_rejects[~isin(parent_rejects[m.REASON], RETRY_REASONS)]
     carried_rejects = settled.merge(now, on=_IDENTITY, how="inner", validate="one_to_one")
     carried_rejects[m.PATH] = carried_rejects.pop("_listed_path")
 
     known = pd.concat([carried[m.KEY], carried_rejects[m.KEY]])
-    to_inspect = listing[~listing[m.KEY].isin(known)].reset_index(drop=True)
+    to_inspect = listing[~isin(listing[m.KEY], known)].reset_index(drop=True)
     return Plan(
         carried=carried.sort_values(m.KEY, ignore_index=True),
         carried_rejects=carried_rejects[list(m.REJECT_COLUMNS)].sort_values(m.KEY, ignore_index=True),
         to_inspect=to_inspect,
-        removed=int((~parent[m.KEY].isin(listing[m.KEY])).sum()),
-        removed_rejects=int((~parent_rejects[m.KEY].isin(listing[m.KEY])).sum()),
+        removed=int((~isin(parent[m.KEY], listing[m.KEY])).sum()),
+        removed_rejects=int((~isin(parent_rejects[m.KEY], listing[m.KEY])).sum()),
     )
+
+
+def isin(values: pd.Series, among: Iterable[str]) -> np.ndarray:
+    """``values.isin(among)`` for string columns through Arrow's hash lookup: pandas 3 converts Arrow
+    strings to Python objects first, 25x slower (1.06 s vs 0.04 s for 100,000 keys)."""
+    among = among if isinstance(among, pd.Series) else list(among)
+    found = pc.is_in(pa.array(values, type=pa.string()), value_set=pa.array(among, type=pa.string()))
+    return found.to_numpy(zero_copy_only=False)
 
 
 def purpose_moved(changes: pd.DataFrame) -> pd.Series:
