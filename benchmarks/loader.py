@@ -6,6 +6,7 @@ import gc
 import time
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 import loader
@@ -27,18 +28,24 @@ def epoch_rate(dataset: tf.data.Dataset) -> float:
     return count / elapsed
 
 
-def interleaved(candidates: dict[str, tf.data.Dataset], rounds: int) -> dict[str, float]:
-    """Best epoch rate of each candidate over ``rounds`` interleaved rounds, after one warm-up epoch each.
+def interleaved(candidates: dict[str, tf.data.Dataset], rounds: int) -> dict[str, list[float]]:
+    """Epoch rates of each candidate over ``rounds`` interleaved rounds, after one warm-up epoch each.
 
-    Interleaving makes slow phases of a shared (virtual) machine hit every candidate alike.
+    This machine's usable CPU swings between about one and two cores for seconds at a time; candidates
+    measured back to back mostly share a phase, so compare them pairwise per round (see :func:`paired`).
     """
     for dataset in candidates.values():
         epoch_rate(dataset)
-    best = dict.fromkeys(candidates, 0.0)
+    rates: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, dataset in candidates.items():
-            best[name] = max(best[name], epoch_rate(dataset))
-    return best
+            rates[name].append(epoch_rate(dataset))
+    return rates
+
+
+def paired(ours: list[float], baseline: list[float]) -> float:
+    """The median over rounds of ours / baseline, each pair measured back to back."""
+    return float(np.median(np.asarray(ours) / np.asarray(baseline)))
 
 
 def keras_baseline(folder: Path) -> tf.data.Dataset:
@@ -70,17 +77,18 @@ def ours(dataset_uri: str, files: int, **kwargs: object) -> tf.data.Dataset:
     return dataset.take(-(-files // size))
 
 
-def measure(folder: Path, dataset_uri: str, rounds: int) -> dict[str, float]:
-    """Throughputs in images/s of our pipelines and the baselines, on the same files, interleaved."""
+def measure(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float]]:
+    """Per-round throughputs in images/s of our pipelines and the baselines, on the same files, interleaved
+    so that each of ours runs right after the baseline it is judged against."""
     files = len(list(folder.rglob("*.jpg")))
     return interleaved(
         {
             "keras image_dataset_from_directory": keras_baseline(folder),
-            "plain tf.data decode+resize": plain_tf_data(folder),
-            "strata plain": ours(dataset_uri, files, stratify_by=None),
             "strata stratified": ours(dataset_uri, files),
-            "strata balanced": ours(dataset_uri, files, balanced=(3, 8)),
+            "plain tf.data decode+resize": plain_tf_data(folder),
             "strata stratified + augment": ours(dataset_uri, files, augment=loader.Augment(**AUGMENT)),
+            "strata plain": ours(dataset_uri, files, stratify_by=None),
+            "strata balanced": ours(dataset_uri, files, balanced=(3, 8)),
         },
         rounds,
     )

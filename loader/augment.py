@@ -13,6 +13,7 @@ hit keep their exact pixels.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -24,10 +25,12 @@ from strata.errors import ConfigError
 __all__ = ["Augment", "sample_keys", "PARAMS"]
 
 # Layout of a sample's parameter row. Values are neutral (0, or the identity) where a transform missed.
-_WARP = slice(0, 8)  # ImageProjectiveTransformV3 row for every geometric step: output pixel -> input pixel
+_WARP = slice(0, 8)  # affine row (a, b, c, d, e, f, 0, 0) of every geometric step: output pixel -> input pixel
 _COLOUR = slice(8, 17)  # 3x3 matrix on RGB: saturation and hue (a rotation about the grey axis, in YIQ)
 _BRIGHTNESS, _CONTRAST, _NOISE = 17, 18, 19  # added value, contrast factor - 1, noise on (1) or off (0)
-PARAMS = 20
+_KIND = 20  # the warp: 0 identity, 1 pixel-exact (flips, quarter turns), 2 bilinear (rotate, scale, shear, shift)
+IDENTITY, EXACT, BILINEAR = 0, 1, 2
+PARAMS = 21
 
 _LUMA = np.array([0.299, 0.587, 0.114])
 _TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
@@ -185,6 +188,8 @@ class Augment:
         low, high = self.contrast_range
         params[:, _CONTRAST] = np.where(hit(16, self.contrast), low + u(17) * (high - low) - 1.0, 0.0)
         params[:, _NOISE] = hit(22, self.noise)
+        exact = flipped | flipped_vertical | (turns > 0)
+        params[:, _KIND] = np.where(zoomed | sheared | rotated | moved, BILINEAR, np.where(exact, EXACT, IDENTITY))
         with np.errstate(over="ignore"):
             seeds = splitmix64(keys + np.uint64(23) * GOLDEN)
         noise_seeds = np.stack([seeds >> np.uint64(32), seeds & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
@@ -234,17 +239,43 @@ class Augment:
 
 
 def _steps(
-    images: tf.Tensor, params: tf.Tensor, geometric: bool, photometric: bool, colour: bool, clip: bool
+    images: tf.Tensor,
+    params: tf.Tensor,
+    geometric: bool,
+    photometric: bool,
+    colour: bool,
+    clip: bool,
+    per_sample: bool = False,
 ) -> tf.Tensor:
-    """The warp, the affine colour map and the clip to 0..255 of every sample (plain TensorFlow ops, any device)."""
-    if geometric:
+    """The warp, the affine colour map and the clip to 0..255 of every sample (plain TensorFlow ops, any device).
+
+    ``per_sample`` (for XLA on a CPU) warps sample by sample, doing only the work each sample's kind needs:
+    nothing, one gather, or the bilinear four; on a GPU one batched warp is cheaper. Both give the same pixels.
+    """
+    if geometric and per_sample:
+        kinds = tf.cast(params[:, _KIND], tf.int32)
+        images = tf.map_fn(lambda s: _warp_one(*s), (images, params[:, _WARP], kinds), fn_output_signature=tf.float32)
+    elif geometric:
         images = _warp(images, params[:, _WARP])
     if photometric:
         images = _photometric(images, params, colour)
     return tf.clip_by_value(images, 0.0, 255.0) if clip else images
 
 
-_compiled = tf.function(_steps, jit_compile=True, reduce_retracing=True)
+_compiled = tf.function(functools.partial(_steps, per_sample=True), jit_compile=True, reduce_retracing=True)
+
+
+def _warp_one(image: tf.Tensor, transform: tf.Tensor, kind: tf.Tensor) -> tf.Tensor:
+    """One sample's warp by its kind: unchanged, pixel-exact (one gather at integer coordinates), or bilinear."""
+
+    def exact() -> tf.Tensor:
+        shape = tf.shape(image)
+        ys, xs = tf.meshgrid(tf.range(shape[0]), tf.range(shape[1]), indexing="ij")
+        t = tf.cast(tf.round(transform), tf.int32)  # flips and quarter turns: entries are integers
+        index = (t[3] * xs + t[4] * ys + t[5]) * shape[1] + t[0] * xs + t[1] * ys + t[2]
+        return tf.reshape(tf.gather(tf.reshape(image, [-1, shape[2]]), index), shape)
+
+    return tf.switch_case(kind, [lambda: image, exact, lambda: _warp(image[None], transform[None])[0]])
 
 
 def _warp(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
