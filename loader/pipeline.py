@@ -2,8 +2,8 @@
 
 The pipeline reads as its stages: resolve and verify the version (``manifest``), choose rows (``sampling``),
 read and verify bytes (``images.Reader``, Python threads, read-ahead; once verified, local files are read
-in the graph), decode/crop/resize in parallel (``images.decode``), batch, augment the batch (``augment``, on
-the GPU when one is visible), rescale and label.
+in the graph), decode/crop/resize and augment in parallel (``images.decode``, ``augment``), batch (augment
+the batch instead when a GPU is visible), rescale and label.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ def from_manifest(
             rows (plain), as many draws as rows (stratified), or ``rows // batch`` batches (balanced).
             Iterating the dataset again continues with the next epochs, so ``model.fit`` sees new orders.
         seed: every random choice (order, draws, augmentation) derives from it.
-        augment: per-sample seeded augmentation, applied to each batch; on the first GPU when one is
-            visible (the batch is copied there first), otherwise on the CPU, with the same parameters.
+        augment: per-sample seeded augmentation: on the first GPU when one is visible (each batch is copied
+            there first), otherwise on the CPU to each image as it is decoded; the same pixels either way,
+            within float rounding.
         cache_dir: local folder keeping remote image bytes by md5; later epochs and jobs read no remote
             object again. Local sources are read in place.
         input_context: ``tf.distribute.InputContext``: each input pipeline owns a disjoint share of the rows.
@@ -162,10 +163,17 @@ def from_manifest(
         rows[m.FORMAT].to_numpy(), elements.scales, rows[m.WIDTH].to_numpy(), rows[m.HEIGHT].to_numpy(), image_size, roi
     )
 
+    gpus = tf.config.list_logical_devices("GPU") if augment is not None else []
+    device = gpus[0].name if gpus and input_context is None else None
+    per_image = augment is not None and device is None  # on a CPU, augment each image while it is in cache
+    spent = {"data", "path", "size", "how", "scale"} | ({"params", "noise_seed"} if per_image else set())
+
     def decoded(e: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         data = e["data"] if elements.paths is None else read_checked(e["path"], e["size"])
         image = decode(data, e["how"], e["scale"], channels, image_size, keep_aspect_ratio, roi, uniform)
-        return {"image": image, **{k: v for k, v in e.items() if k not in ("data", "path", "size", "how", "scale")}}
+        if per_image:
+            image = augment.apply(image[None], e["params"][None], e["noise_seed"][None])[0]
+        return {"image": image, **{k: v for k, v in e.items() if k not in spent}}
 
     dataset = tf.data.Dataset.from_generator(elements, output_signature=elements.signature()).unbatch()
     # One map straight before batch: tf.data fuses the two and decodes into the batch's memory.
@@ -175,9 +183,8 @@ def from_manifest(
     batches = _batches(len(owned), size, epochs, bool(balanced))
     if batches is not None and (balanced or on_error == "raise"):  # skipping makes the count unknowable
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))  # Keras sizes epochs by it
-    if augment is not None:
-        gpus = tf.config.list_logical_devices("GPU")
-        dataset = _augmented(dataset, augment, gpus[0].name if gpus and input_context is None else None)
+    if device is not None:
+        dataset = _augmented(dataset, augment, device)
     dataset = dataset.map(lambda e: _finish(e, rescale, label_mode, len(class_names), (*shape, channels)))
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
@@ -198,18 +205,13 @@ def _batches(rows: int, size: int, epochs: int | None, balanced: bool) -> int | 
     return -(-rows * epochs // size)
 
 
-def _augmented(dataset: tf.data.Dataset, augment: Augment, device: str | None) -> tf.data.Dataset:
-    """Augment each batch, on ``device`` when given (the batch is copied there first), else in place.
-
-    On the CPU the warp and colour map run XLA-compiled; on a GPU as plain ops, whose kernels are fast there.
-    """
+def _augmented(dataset: tf.data.Dataset, augment: Augment, device: str) -> tf.data.Dataset:
+    """Augment each batch on ``device`` (a GPU), copying the batch there first; plain ops, fast there."""
 
     def apply(e: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         rest = {k: v for k, v in e.items() if k not in ("params", "noise_seed")}
-        return {**rest, "image": augment.apply(e["image"], e["params"], e["noise_seed"], compiled=device is None)}
+        return {**rest, "image": augment.apply(e["image"], e["params"], e["noise_seed"], compiled=False)}
 
-    if device is None:
-        return dataset.map(apply, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.apply(tf.data.experimental.copy_to_device(device))
     with tf.device(device):
         return dataset.map(apply)
