@@ -33,8 +33,8 @@ TARGETS = {
 }
 SIZES = {
     "full": {
-        "loader": 600,
-        "rounds": 8,
+        "loader": 3000,
+        "rounds": 5,
         "inspect": 200,
         "split": 1_000_000,
         "incremental": 10_000,
@@ -92,6 +92,7 @@ def main() -> None:
             best = {name: max(values) for name, values in rates.items()}
             others = ", ".join(f"{k} {best[k]:.0f}" for k in ("strata plain", "strata balanced"))
             how = f"median of {size['rounds']} back-to-back pairs' ratios (images/s: best of each shown)"
+            print("  per-round images/s:", {k: [round(v) for v in vs] for k, vs in rates.items()}, flush=True)
             results["loader"] = {
                 "ours": best["strata stratified"],
                 "baseline": best["keras image_dataset_from_directory"],
