@@ -89,24 +89,30 @@ def main() -> None:
 
             curate_dataset(source=str(work / "jpegs"), dataset="bench", manifest_root=str(work / "manifests"))
             rates = loader_rows.measure(work / "jpegs", str(work / "manifests" / "bench"), size["rounds"])
-            best = {name: max(values) for name, values in rates.items()}
-            others = ", ".join(f"{k} {best[k]:.0f}" for k in ("strata plain", "strata balanced"))
-            how = f"median of {size['rounds']} back-to-back pairs' ratios (images/s: best of each shown)"
             print("  per-round images/s:", {k: [round(v) for v in vs] for k, vs in rates.items()}, flush=True)
-            results["loader"] = {
-                "ours": best["strata stratified"],
-                "baseline": best["keras image_dataset_from_directory"],
-                "ratio": loader_rows.paired(rates["strata stratified"], rates["keras image_dataset_from_directory"]),
-                "unit": "images/s",
-                "note": f"one warm epoch each; {how}; also {others} images/s",
-            }
-            results["loader_augmented"] = {
-                "ours": best["strata stratified + augment"],
-                "baseline": best["plain tf.data decode+resize"],
-                "ratio": loader_rows.paired(rates["strata stratified + augment"], rates["plain tf.data decode+resize"]),
-                "unit": "images/s",
-                "note": f"flip + rotate + brightness/contrast/hue/saturation, each p=0.5, CPU; {how}",
-            }
+            best = {name: max(values) for name, values in rates.items()}
+            how = f"median of {size['rounds']} back-to-back pairs' ratios (images/s: best of each shown)"
+
+            def paired_row(ours: str, baseline: str, note: str) -> dict:
+                return {
+                    "ours": best[ours],
+                    "baseline": best[baseline],
+                    "ratio": loader_rows.paired(rates[ours], rates[baseline]),
+                    "unit": "images/s",
+                    "note": f"{note}; {how}",
+                }
+
+            others = ", ".join(f"{k} {best[k]:.0f}" for k in ("strata plain", "strata balanced"))
+            results["loader"] = paired_row(
+                "strata stratified",
+                "keras image_dataset_from_directory",
+                f"one warm epoch each; also {others} images/s",
+            )
+            results["loader_augmented"] = paired_row(
+                "strata stratified + augment",
+                "plain tf.data decode+resize",
+                "flip + rotate + brightness/contrast/hue/saturation, each p=0.5, CPU",
+            )
         if "inspect" in chosen:
             print(f"inspect: {size['inspect']} files ...", flush=True)
             results["inspect"] = curation.inspect_row(work / "inspect", size["inspect"])

@@ -31,8 +31,8 @@ def epoch_rate(dataset: tf.data.Dataset) -> float:
 def interleaved(candidates: dict[str, tf.data.Dataset], rounds: int) -> dict[str, list[float]]:
     """Epoch rates of each candidate over ``rounds`` interleaved rounds, after one warm-up epoch each.
 
-    This machine's usable CPU swings between about one and two cores for seconds at a time; candidates
-    measured back to back mostly share a phase, so compare them pairwise per round (see :func:`paired`).
+    This machine's usable CPU swings between about one and two cores within seconds: a slow phase that spans
+    a back-to-back pair cancels in their ratio, and the median over rounds (:func:`paired`) damps the rest.
     """
     for dataset in candidates.values():
         epoch_rate(dataset)

@@ -39,6 +39,13 @@ RATIOS = (1, 2, 4, 8)
 _RETRIES = (0.5, 2.0, 8.0)
 
 
+def _source_sizes(
+    widths: np.ndarray, heights: np.ndarray, roi: tuple[int, int, int, int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the (height, width) that decoding resizes from: the crop's when there is one."""
+    return (np.full(len(widths), roi[2]), np.full(len(widths), roi[3])) if roi else (heights, widths)
+
+
 def jpeg_scales(
     widths: np.ndarray,
     heights: np.ndarray,
@@ -53,7 +60,7 @@ def jpeg_scales(
     scales = np.zeros(len(widths), dtype=np.int32)
     if target is None:
         return scales
-    h, w = (np.full(len(widths), roi[2]), np.full(len(widths), roi[3])) if roi else (heights, widths)
+    h, w = _source_sizes(widths, heights, roi)
     if keep_aspect_ratio:  # the image is scaled to fit, so only the binding side must keep its resolution
         scale = np.minimum(target[0] / h, target[1] / w)
         need_h, need_w = np.ceil(h * scale), np.ceil(w * scale)
@@ -79,7 +86,7 @@ def uniform_jpeg(
     if len(formats) == 0 or not (formats == "jpeg").all() or (scales != scales[0]).any():
         return None
     ratio = RATIOS[int(scales[0])]
-    h, w = (np.full(len(widths), roi[2]), np.full(len(widths), roi[3])) if roi else (heights, widths)
+    h, w = _source_sizes(widths, heights, roi)
     h, w = -(-h // ratio), -(-w // ratio)  # libjpeg rounds scaled sizes up
     shrinks = np.zeros(len(h), dtype=bool) if target is None else (h > 2 * target[0]) | (w > 2 * target[1])
     if (shrinks != shrinks[0]).any():

@@ -140,27 +140,24 @@ def from_manifest(
         cache_dir=cache_dir if remote else None,
         threads=16 if remote else 4,
     )
+    formats, widths, heights = rows[m.FORMAT].to_numpy(), rows[m.WIDTH].to_numpy(), rows[m.HEIGHT].to_numpy()
+    scales = np.where(formats == "jpeg", jpeg_scales(widths, heights, image_size, roi, keep_aspect_ratio), 0)
+    scales = scales.astype(np.int32)
+    uniform = uniform_jpeg(formats, scales, widths, heights, image_size, roi)
+    paths = reader.local_paths if on_error == "raise" else None  # None: bytes pass through Python
     elements = _Elements(
         rows=rows,
         labels=np.searchsorted(class_names, rows[m.CATEGORY].to_numpy()).astype(np.int32),
-        scales=np.where(
-            rows[m.FORMAT].to_numpy() == "jpeg",
-            jpeg_scales(rows[m.WIDTH].to_numpy(), rows[m.HEIGHT].to_numpy(), image_size, roi, keep_aspect_ratio),
-            0,
-        ).astype(np.int32),
+        scales=scales,
         draws=draws,
         epochs=epochs,
         reader=reader,
-        paths=reader.local_paths if on_error == "raise" else None,
+        paths=paths,
         augment=augment,
         shape=shape,
         seed=seed,
         skip=on_error == "skip",
         members=[owned[codes[owned] == c] for c in range(codes.max() + 1)] if balanced else None,
-    )
-
-    uniform = uniform_jpeg(
-        rows[m.FORMAT].to_numpy(), elements.scales, rows[m.WIDTH].to_numpy(), rows[m.HEIGHT].to_numpy(), image_size, roi
     )
 
     gpus = tf.config.list_logical_devices("GPU") if augment is not None else []
@@ -169,7 +166,7 @@ def from_manifest(
     spent = {"data", "path", "size", "how", "scale"} | ({"params", "noise_seed"} if per_image else set())
 
     def decoded(e: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        data = e["data"] if elements.paths is None else read_checked(e["path"], e["size"])
+        data = e["data"] if paths is None else read_checked(e["path"], e["size"])
         image = decode(data, e["how"], e["scale"], channels, image_size, keep_aspect_ratio, roi, uniform)
         if per_image:
             image = augment.apply(image[None], e["params"][None], e["noise_seed"][None])[0]
@@ -272,11 +269,11 @@ class _Elements:
         # How to decode each row; a BMP's route depends on its header, known once its bytes were read.
         self._routes = np.array([route(f, b"") if f != "bmp" else -1 for f in self._formats], dtype=np.int32)
         self._labels = labels
-        self.scales = scales
+        self._scales = scales
         self._draws = draws
         self._epochs = epochs
         self._reader = reader
-        self.paths = paths
+        self._paths = paths
         self._augment = augment
         self._shape = shape
         self._seed = seed
@@ -292,7 +289,7 @@ class _Elements:
             "scale": tf.TensorSpec([None], tf.int32),
             "label": tf.TensorSpec([None], tf.int32),
         }
-        if self.paths is not None:
+        if self._paths is not None:
             spec["path"], spec["size"] = tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)
         else:
             spec["data"] = tf.TensorSpec([None], tf.string)
@@ -308,7 +305,7 @@ class _Elements:
         pending: deque = deque()
         for rows, groups, epoch in self._chunks(first):
             reads = rows.tolist()
-            if self.paths is not None:
+            if self._paths is not None:
                 reads = [row for row in reads if not self._reader.verified(row)]
             pending.append((rows, groups, epoch, reads, self._reader.submit(reads)))
             if len(pending) > _AHEAD:
@@ -324,12 +321,12 @@ class _Elements:
     def _element(
         self, rows: np.ndarray, groups: np.ndarray, epoch: int, reads: list[int], futures: list
     ) -> dict[str, np.ndarray]:
-        if self.paths is not None:
+        if self._paths is not None:
             for row, read in zip(reads, Reader.results(futures), strict=True):
                 if isinstance(read, ImageError):
                     raise read
                 self._routes[row] = route(self._formats[row], read)
-            element = {"path": self.paths[rows], "size": self._sizes[rows]}
+            element = {"path": self._paths[rows], "size": self._sizes[rows]}
         else:
             kept, data = [], []
             for row, group, read in zip(rows.tolist(), groups.tolist(), Reader.results(futures), strict=True):
@@ -348,7 +345,7 @@ class _Elements:
                 self._routes[row] = route(self._formats[row], read)
             rows = np.asarray(kept, dtype=np.int64)
             element = {"data": np.asarray(data, dtype=object).reshape(-1)}
-        element.update(how=self._routes[rows], scale=self.scales[rows], label=self._labels[rows])
+        element.update(how=self._routes[rows], scale=self._scales[rows], label=self._labels[rows])
         if self._augment is not None:
             keys = sample_keys(self._seed, self._md5s[rows], np.full(len(rows), epoch))
             element["params"], element["noise_seed"] = self._augment.draw(keys, *self._shape)
