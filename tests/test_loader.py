@@ -242,6 +242,25 @@ def test_augmentation_ignores_batch_position_and_device() -> None:
     np.testing.assert_allclose(copied, forward, atol=1e-3)  # plain ops instead of XLA: float rounding only
 
 
+@pytest.mark.parametrize("shape", [(24, 24, 3), (17, 23, 3), (1, 9, 3), (9, 1, 1)])
+def test_per_sample_program_matches_batched_ops(shape: tuple[int, int, int]) -> None:
+    """The XLA program (flips and turns as reversals and transposes, bilinear as 2x2 patch gathers, colour
+    fused in) against the batched plain ops, on odd shapes and images one pixel wide."""
+    h, w, c = shape
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (64, *shape)).astype(np.float32))
+    keys = sample_keys(1, np.array([f"{i:032x}" for i in range(64)]), np.zeros(64, dtype=np.int64))
+    turns = 0.5 if h == w else 0.0
+    exact = loader.Augment(flip=0.5, flip_vertical=0.5, rotate90=turns)
+    params = exact.draw(keys, h, w)
+    np.testing.assert_array_equal(exact.apply(images, *params), exact.apply(images, *params, compiled=False))
+    every = loader.Augment(
+        flip=0.5, flip_vertical=0.5, rotate90=turns, rotate=0.5, scale=0.3, shear=0.3, translate=0.3,
+        brightness=0.5, contrast=0.5, hue=0.5, saturation=0.5,
+    )  # fmt: skip
+    params = every.draw(keys, h, w)
+    np.testing.assert_allclose(every.apply(images, *params), every.apply(images, *params, compiled=False), atol=1e-3)
+
+
 def test_identity_draws_keep_exact_pixels_and_flips_are_exact() -> None:
     image = np.asarray(Image.open(VIAL).convert("RGB").resize((24, 24)), dtype=np.float32)[None]
     keys = sample_keys(0, np.array(["0" * 32]), np.zeros(1, dtype=np.int64))
