@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gc
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +80,16 @@ def ours(dataset_uri: str, files: int, **kwargs: object) -> tf.data.Dataset:
     return dataset.take(-(-files // size))
 
 
+def measure_apart(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float]]:
+    """:func:`measure` in a fresh Python process, away from the Prefect server, the flow's threads and the
+    heap the curation left behind; ours and the baselines still share that one process."""
+    command = [sys.executable, "-m", "benchmarks.loader", str(folder), dataset_uri, str(rounds)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if result.returncode != 0:
+        raise RuntimeError(f"loader benchmark failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def measure(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float]]:
     """Per-round throughputs in images/s of our pipelines and the baselines, on the same files, interleaved
     so that each of ours runs right after the baseline it is judged against."""
@@ -92,3 +105,7 @@ def measure(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float
         },
         rounds,
     )
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))))

@@ -219,8 +219,8 @@ class Augment:
 
         ``compiled`` runs one XLA program that goes sample by sample, doing only what each sample's kind needs
         (nothing, a reversal or transpose for flips and quarter turns, or a bilinear warp), with the colour
-        map fused into the loop that writes the sample. The pipeline calls it per image on a CPU; on a GPU it
-        augments whole batches with plain ops (``compiled=False``). Both give the same pixels within float
+        map fused into the loop that writes the sample: the pipeline's choice on a CPU. On a GPU it augments
+        whole batches with plain ops (``compiled=False``). Both give the same pixels within float
         rounding. Neutral parameters leave a sample's pixels bit-exact: the colour map of an untouched sample
         is ``x @ I + 0``, and noise touches only its hits.
         """

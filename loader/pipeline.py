@@ -2,8 +2,8 @@
 
 The pipeline reads as its stages: resolve and verify the version (``manifest``), choose rows (``sampling``),
 read and verify bytes (``images.Reader``, Python threads, read-ahead; once verified, local files are read
-in the graph), decode/crop/resize and augment in parallel (``images.decode``, ``augment``), batch (augment
-the batch instead when a GPU is visible), rescale and label.
+in the graph), rebatch, then per batch and in parallel decode/crop/resize and augment (``images.decode``,
+``augment``; on a GPU when one is visible), rescale and label.
 """
 
 from __future__ import annotations
@@ -162,21 +162,32 @@ def from_manifest(
 
     gpus = tf.config.list_logical_devices("GPU") if augment is not None else []
     device = gpus[0].name if gpus and input_context is None else None
-    per_image = augment is not None and device is None  # on a CPU, augment each image while it is in cache
-    spent = {"data", "path", "size", "how", "scale"} | ({"params", "noise_seed"} if per_image else set())
+    on_cpu = augment is not None and device is None  # augment in the decoding function, one XLA call a batch
+    spent = {"data", "path", "size", "how", "scale"} | ({"params", "noise_seed"} if on_cpu else set())
 
     def decoded(e: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        data = e["data"] if paths is None else read_checked(e["path"], e["size"])
-        image = decode(data, e["how"], e["scale"], channels, image_size, keep_aspect_ratio, roi, uniform)
-        if per_image:
-            image = augment.apply(image[None], e["params"][None], e["noise_seed"][None])[0]
-        return {"image": image, **{k: v for k, v in e.items() if k not in spent}}
+        """Read and decode a batch's images one after another in one call (about a tenth less CPU per image
+        than a map per image, which hands every image between tf.data's threads), then on a CPU augment them.
 
-    dataset = tf.data.Dataset.from_generator(elements, output_signature=elements.signature()).unbatch()
-    # One map straight before batch: tf.data fuses the two and decodes into the batch's memory.
-    dataset = dataset.map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        Augmenting the batch in one XLA call rather than image by image allocates the program's scratch
+        memory once a batch: fresh allocations cost page faults, and page faults cost more than the pixel
+        work on a virtual machine.
+        """
+        count = tf.shape(e["label"])[0]
+        images = tf.TensorArray(tf.float32, size=count, element_shape=[*shape, channels])
+        for i in tf.range(count):
+            data = e["data"][i] if paths is None else read_checked(e["path"][i], e["size"][i])
+            image = decode(data, e["how"][i], e["scale"][i], channels, image_size, keep_aspect_ratio, roi, uniform)
+            images = images.write(i, image)
+        images = images.stack()
+        if on_cpu:
+            images = augment.apply(images, e["params"], e["noise_seed"])
+        return {"image": images, **{k: v for k, v in e.items() if k not in spent}}
+
     size = balanced[0] * balanced[1] if balanced else batch_size
-    dataset = dataset.batch(size, drop_remainder=bool(balanced))
+    dataset = tf.data.Dataset.from_generator(elements, output_signature=elements.signature())
+    dataset = dataset.rebatch(size, drop_remainder=bool(balanced))
+    dataset = dataset.map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = _batches(len(owned), size, epochs, bool(balanced))
     if batches is not None and (balanced or on_error == "raise"):  # skipping makes the count unknowable
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))  # Keras sizes epochs by it
