@@ -349,9 +349,7 @@ def _patch_warp(image: tf.Tensor, transform: tf.Tensor) -> tf.Tensor:
     edges = [[0, tf.maximum(2 - shape[0], 0)], [0, tf.maximum(2 - shape[1], 0)], [0, 0]]
     padded = tf.pad(image, edges, mode="SYMMETRIC")
     patches = xla.gather(padded, starts, _PATCHES, [2, 2, image.shape[-1]])  # [H, W, 2, 2, C]
-    top = patches[:, :, 0, 0] + (patches[:, :, 0, 1] - patches[:, :, 0, 0]) * fx
-    bottom = patches[:, :, 1, 0] + (patches[:, :, 1, 1] - patches[:, :, 1, 0]) * fx
-    return top + (bottom - top) * fy
+    return _bilinear(patches[:, :, 0, 0], patches[:, :, 0, 1], patches[:, :, 1, 0], patches[:, :, 1, 1], fx, fy)
 
 
 def _warp(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
@@ -372,7 +370,18 @@ def _warp(images: tf.Tensor, transforms: tf.Tensor) -> tf.Tensor:
     def at(y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
         return tf.reshape(tf.gather(pixels, tf.reshape(y * width + x, [shape[0], -1]), batch_dims=1), shape)
 
-    top_left, top_right, bottom_left, bottom_right = at(y0, x0), at(y0, x1), at(y1, x0), at(y1, x1)
+    return _bilinear(at(y0, x0), at(y0, x1), at(y1, x0), at(y1, x1), fx, fy)
+
+
+def _bilinear(
+    top_left: tf.Tensor,
+    top_right: tf.Tensor,
+    bottom_left: tf.Tensor,
+    bottom_right: tf.Tensor,
+    fx: tf.Tensor,
+    fy: tf.Tensor,
+) -> tf.Tensor:
+    """Bilinear interpolation between four neighbours: exact when ``fx`` and ``fy`` are 0."""
     top = top_left + (top_right - top_left) * fx
     bottom = bottom_left + (bottom_right - bottom_left) * fx
     return top + (bottom - top) * fy

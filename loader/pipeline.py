@@ -85,8 +85,8 @@ def from_manifest(
             Iterating the dataset again continues with the next epochs, so ``model.fit`` sees new orders.
         seed: every random choice (order, draws, augmentation) derives from it.
         augment: per-sample seeded augmentation: on the first GPU when one is visible (each batch is copied
-            there first), otherwise on the CPU to each image as it is decoded; the same pixels either way,
-            within float rounding.
+            there first), otherwise on the CPU to each batch right after decoding it, in the same call; the
+            same pixels either way, within float rounding.
         cache_dir: local folder keeping remote image bytes by md5; later epochs and jobs read no remote
             object again. Local sources are read in place.
         input_context: ``tf.distribute.InputContext``: each input pipeline owns a disjoint share of the rows.
