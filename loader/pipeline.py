@@ -36,6 +36,7 @@ _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255.0
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255.0
 _CHUNK = 256  # draws per generator step: amortises Python overhead; reads run two chunks ahead
 _AHEAD = 2
+_LIVE = 8  # iterations of one dataset whose state is kept; the oldest is dropped beyond that
 
 
 def from_manifest(
@@ -185,7 +186,7 @@ def from_manifest(
         return {"image": images, **{k: v for k, v in e.items() if k not in spent}}
 
     size = balanced[0] * balanced[1] if balanced else batch_size
-    dataset = tf.data.Dataset.from_generator(elements, output_signature=elements.signature())
+    dataset = elements.dataset()
     dataset = dataset.rebatch(size, drop_remainder=bool(balanced))
     dataset = dataset.map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     batches = _batches(len(owned), size, epochs, bool(balanced))
@@ -248,7 +249,7 @@ def _finish(
 
 
 class _Elements:
-    """The generator behind the dataset: draws rows, reads their bytes ahead, yields chunks of elements.
+    """The source of the dataset: draws rows, reads their bytes ahead, yields chunks of elements.
 
     With ``paths`` (local files, or a local cache of remote ones) it yields paths: it reads and verifies only
     rows this process has not verified yet, and the graph reads the files itself, so a warm epoch runs no
@@ -256,6 +257,12 @@ class _Elements:
     it yields the bytes. Each iteration of the dataset calls it anew and continues with the next epochs, so
     repeated iteration (``model.fit(epochs=...)``) sees fresh orders while every process sees the same
     sequence.
+
+    It is not ``tf.data.Dataset.from_generator``: the first use of that op in a process pins glibc's mmap
+    threshold at 128 KiB for good (TensorFlow's ``ApplyPython311MemoryPatch``), after which every image-sized
+    tensor of every pipeline and model in the process is a fresh ``mmap``, hundreds of page faults an image:
+    it halved the throughput of this pipeline and of keras' beside it. The same generator is driven
+    through ``numpy_function`` instead, one state per iteration (:meth:`dataset`).
     """
 
     def __init__(
@@ -292,7 +299,53 @@ class _Elements:
         self._members = members
         self.skipped = Skipped()
         self._iterations = 0
+        self._live: dict[int, Iterator[dict[str, np.ndarray]] | None] = {}  # None: finished
         self._lock = threading.Lock()
+
+    def dataset(self) -> tf.data.Dataset:
+        """The chunks as a dataset: each iteration starts its own generator, which a sequential map steps
+        through until a step says there is no more."""
+        spec = self.signature()
+        names = list(spec)
+
+        def step(iteration: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+            dtypes = [tf.bool, *(spec[n].dtype for n in names)]
+            more, *values = tf.numpy_function(lambda i: self._next(i, names), [iteration], dtypes)
+            for value, name in zip(values, names, strict=True):
+                value.set_shape(spec[name].shape)
+            return more, dict(zip(names, values, strict=True))
+
+        def chunks(iteration: tf.Tensor) -> tf.data.Dataset:
+            steps = tf.data.Dataset.from_tensors(iteration).repeat().map(step)
+            return steps.take_while(lambda more, _: more).map(lambda _, element: element)
+
+        start = tf.data.Dataset.from_tensors(0).map(lambda _: tf.numpy_function(self._start, [], tf.int64))
+        return start.flat_map(chunks)
+
+    def _start(self) -> np.int64:
+        with self._lock:
+            iteration, self._iterations = self._iterations, self._iterations + 1
+            self._live[iteration] = self._generate(iteration)
+            for old in [i for i in self._live if i <= iteration - _LIVE]:
+                chunks = self._live.pop(old)
+                if chunks is not None:
+                    chunks.close()  # abandoned (or very slow): release its read-ahead
+        return np.int64(iteration)
+
+    def _next(self, iteration: np.int64, names: list[str]) -> list[np.ndarray]:
+        """``[more, *element]``: the iteration's next chunk, or ``more`` False and an empty chunk at its end."""
+        if int(iteration) not in self._live:
+            raise RuntimeError(
+                f"iteration {iteration} of this dataset was dropped: at most {_LIVE} iterations keep their "
+                "state at once; iterate it fewer times side by side"
+            )
+        chunks = self._live[int(iteration)]
+        element = next(chunks, None) if chunks is not None else None
+        if element is None:
+            self._live[int(iteration)] = None
+            spec = self.signature()
+            return [np.False_, *(np.zeros([0, *spec[n].shape[1:]], spec[n].dtype.as_numpy_dtype) for n in names)]
+        return [np.True_, *(element[name] for name in names)]
 
     def signature(self) -> dict[str, tf.TensorSpec]:
         spec = {
@@ -309,9 +362,7 @@ class _Elements:
             spec["noise_seed"] = tf.TensorSpec([None, 2], tf.int64)
         return spec
 
-    def __call__(self) -> Iterator[dict[str, np.ndarray]]:
-        with self._lock:
-            iteration, self._iterations = self._iterations, self._iterations + 1
+    def _generate(self, iteration: int) -> Iterator[dict[str, np.ndarray]]:
         first = iteration * self._epochs if self._epochs else 0
         pending: deque = deque()
         for rows, groups, epoch in self._chunks(first):

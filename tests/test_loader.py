@@ -153,6 +153,26 @@ def test_iterating_again_continues_with_the_next_epoch(classes: str) -> None:
     assert [v for x, _ in again for v in ids(x)] == first
 
 
+def test_pipeline_uses_no_generator_dataset(classes: str) -> None:
+    """TensorFlow's GeneratorDataset (``from_generator``) pins glibc's mmap threshold at 128 KiB for the rest
+    of the process the first time it runs: every image-sized tensor of every pipeline after it page-faults."""
+    graph = tf.compat.v1.GraphDef.FromString(loader.from_manifest(classes, **GRAY)._as_serialized_graph().numpy())
+    ops = {node.op for node in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    assert "PyFunc" in ops  # the graph and its functions were searched
+    assert not {op for op in ops if "Generator" in op}, ops
+
+
+def test_abandoned_iterations_are_dropped_and_say_so(classes: str) -> None:
+    ds = loader.from_manifest(classes, batch_size=8, repeat=True, **GRAY)
+    kept = iter(ds)
+    first = ids(next(kept)[0])
+    for _ in range(12):  # each leaves its generator unfinished; only the newest 8 keep their state
+        assert ids(next(iter(ds))[0]) == first
+    with pytest.raises(tf.errors.UnknownError, match="dropped"):
+        for _ in range(200):  # past the batches already read ahead
+            next(kept)
+
+
 def test_balanced_batches_hold_exactly_the_asked_classes(classes: str) -> None:
     ds = loader.from_manifest(classes, balanced=(3, 4), repeat=3, **GRAY)
     batches = list(ds)
