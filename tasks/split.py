@@ -276,9 +276,10 @@ def assign_purposes(
 
     # Free units, in seeded order of their smallest md5; each poured in its main stratum (most rows).
     free_idx = np.flatnonzero(active & purpose.isna().to_numpy())
-    free_units, free_inverse = np.unique(unit[free_idx], return_inverse=True)
+    free_units, free_inverse = _compact(unit[free_idx], n)
     unit_key = np.full(len(free_units), np.iinfo(np.uint64).max, dtype=np.uint64)
-    np.minimum.at(unit_key, free_inverse, _hex_prefix(frame[m.MD5].iloc[free_idx]))
+    md5 = frame[m.MD5] if len(free_idx) == n else frame[m.MD5].iloc[free_idx]  # a first split: every row
+    np.minimum.at(unit_key, free_inverse, _hex_prefix(md5))
     order_key = _mix(unit_key, seed)
     # (unit, stratum) cells with their row counts; a unit's main stratum holds most of its rows (lowest on ties).
     cell_keys, cell_counts = np.unique(free_inverse.astype(np.int64) * n_strata + stratum[free_idx], return_counts=True)
@@ -306,15 +307,32 @@ def assign_purposes(
         share = np.where(need_sum > 0, need / np.where(need_sum > 0, need_sum, 1), target_frac[None, :])
         unit_purpose[chosen] = _pour(unit_size[chosen], unit_stratum[chosen], order_key[chosen], share, n_strata)
 
-    names = np.array(purposes, dtype=object)
-    purpose = purpose.to_numpy(dtype=object, copy=True)
-    purpose[free_idx] = names[unit_purpose[free_inverse]]
-    out = frame.assign(**{m.PURPOSE: purpose})  # copy-on-write: no copy of the other columns
-    return SplitResult(
+    out = frame.assign(**{m.PURPOSE: _purpose_column(purpose, free_idx, unit_purpose[free_inverse], purposes)})
+    return SplitResult(  # assign is copy-on-write: no copy of the other columns
         samples=out[~held].reset_index(drop=True) if held.any() else out,
-        held_out=frame[held].reset_index(drop=True),
+        held_out=frame[held].reset_index(drop=True) if held.any() else frame.iloc[0:0],
         units=int(np.count_nonzero(np.bincount(unit))),
     )
+
+
+def _compact(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(labels, return_inverse=True)`` for labels in ``[0, n)``, by counting instead of sorting."""
+    present = np.bincount(labels, minlength=n) > 0
+    return np.flatnonzero(present), (np.cumsum(present) - 1)[labels]
+
+
+def _purpose_column(carried: pd.Series, rows: np.ndarray, chosen: np.ndarray, purposes: list[str]) -> pd.Series:
+    """The purpose column: ``carried`` (null where none) with ``rows`` set to ``purposes[chosen]``.
+
+    Built as Arrow codes into a few strings: a million Python strings would cost four times as long.
+    """
+    import pyarrow as pa
+
+    codes, labels = pd.factorize(carried)  # -1 where null
+    dictionary = [*labels, *(p for p in purposes if p not in set(labels))]
+    codes[rows] = np.array([dictionary.index(p) for p in purposes])[chosen]
+    column = pa.array(dictionary, pa.string()).take(pa.array(codes, mask=codes < 0))
+    return column.to_pandas().set_axis(carried.index)
 
 
 @stage("split", storage=False)
