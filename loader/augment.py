@@ -280,6 +280,9 @@ def _steps(
     matrices, offsets = _colour_maps(params, means, colour)
     if per_sample:
         kinds = tf.cast(params[:, _KIND], tf.int32)
+        if images.shape[0] == 1:  # the loader augments image by image: no loop around the one sample
+            one = (images[0], params[0, _WARP], kinds[0], matrices[0], offsets[0])
+            return _one(*one, geometric=geometric, photometric=photometric, turns=turns, clip=clip)[None]
         return tf.map_fn(
             lambda s: _one(*s, geometric=geometric, photometric=photometric, turns=turns, clip=clip),
             (images, params[:, _WARP], kinds, matrices, offsets),
