@@ -303,14 +303,13 @@ class _Elements:
         """The chunks as a dataset: each iteration starts its own generator, which a sequential map steps
         through until a step says there is no more."""
         spec = self.signature()
-        names = list(spec)
 
         def step(iteration: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-            dtypes = [tf.bool, *(spec[n].dtype for n in names)]
-            more, *values = tf.numpy_function(lambda i: self._next(i, names), [iteration], dtypes)
-            for value, name in zip(values, names, strict=True):
-                value.set_shape(spec[name].shape)
-            return more, dict(zip(names, values, strict=True))
+            dtypes = [tf.bool, *(s.dtype for s in spec.values())]
+            more, *values = tf.numpy_function(lambda i: self._next(i, spec), [iteration], dtypes)
+            for value, s in zip(values, spec.values(), strict=True):
+                value.set_shape(s.shape)
+            return more, dict(zip(spec, values, strict=True))
 
         def chunks(iteration: tf.Tensor) -> tf.data.Dataset:
             steps = tf.data.Dataset.from_tensors(iteration).repeat().map(step)
@@ -329,8 +328,9 @@ class _Elements:
                     chunks.close()  # abandoned (or very slow): release its read-ahead
         return np.int64(iteration)
 
-    def _next(self, iteration: np.int64, names: list[str]) -> list[np.ndarray]:
-        """``[more, *element]``: the iteration's next chunk, or ``more`` False and an empty chunk at its end."""
+    def _next(self, iteration: np.int64, spec: dict[str, tf.TensorSpec]) -> list[np.ndarray]:
+        """``[more, *element]`` in ``spec``'s order: the iteration's next chunk, or ``more`` False and an empty
+        chunk at its end."""
         if int(iteration) not in self._live:
             raise RuntimeError(
                 f"iteration {iteration} of this dataset was dropped: at most {_LIVE} iterations keep their "
@@ -340,9 +340,8 @@ class _Elements:
         element = next(chunks, None) if chunks is not None else None
         if element is None:
             self._live[int(iteration)] = None
-            spec = self.signature()
-            return [np.False_, *(np.zeros([0, *spec[n].shape[1:]], spec[n].dtype.as_numpy_dtype) for n in names)]
-        return [np.True_, *(element[name] for name in names)]
+            return [np.False_, *(np.zeros([0, *s.shape[1:]], s.dtype.as_numpy_dtype) for s in spec.values())]
+        return [np.True_, *(element[name] for name in spec)]
 
     def signature(self) -> dict[str, tf.TensorSpec]:
         spec = {
