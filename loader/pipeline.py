@@ -1,17 +1,14 @@
 """``from_manifest()``: one committed manifest version as a seeded, stratified ``tf.data`` pipeline.
 
 The pipeline reads as its stages: resolve and verify the version (``manifest``), choose rows (``sampling``),
-read and verify bytes (``images.Reader``, Python threads, read-ahead; once verified, local files are read
-in the graph), rebatch, then per batch and in parallel decode/crop/resize and augment (``images.decode``,
-``augment``; on a GPU when one is visible), rescale and label.
+read and verify bytes (``source.Elements`` with ``images.Reader``, Python threads, read-ahead; once verified,
+local files are read in the graph), rebatch, then per batch and in parallel decode/crop/resize and augment
+(``images.decode``, ``augment``; on a GPU when one is visible), rescale and label.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
-import threading
-from collections import deque
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -21,9 +18,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from loader import manifest as m
 from loader import sampling
-from loader.augment import PARAMS, Augment, sample_keys
-from loader.images import Reader, Skipped, decode, jpeg_scales, read_checked, route, uniform_jpeg
-from strata.errors import ConfigError, ImageError, ManifestError
+from loader.augment import Augment
+from loader.images import Reader, decode, jpeg_scales, read_checked, uniform_jpeg
+from loader.source import Elements
+from strata.errors import ConfigError, ManifestError
 from strata.storage import open_url
 
 __all__ = ["from_manifest"]
@@ -34,9 +32,6 @@ LABEL_MODES = ("int", "categorical", None)
 ON_ERROR = ("raise", "skip")
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32) * 255.0
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32) * 255.0
-_CHUNK = 256  # draws per generator step: amortises Python overhead; reads run two chunks ahead
-_AHEAD = 2
-_LIVE = 8  # iterations of one dataset whose state is kept; the oldest is dropped beyond that
 
 
 def from_manifest(
@@ -146,7 +141,7 @@ def from_manifest(
     scales = scales.astype(np.int32)
     uniform = uniform_jpeg(formats, scales, widths, heights, image_size, roi)
     paths = reader.local_paths if on_error == "raise" else None  # None: bytes pass through Python
-    elements = _Elements(
+    elements = Elements(
         rows=rows,
         labels=np.searchsorted(class_names, rows[m.CATEGORY].to_numpy()).astype(np.int32),
         scales=scales,
@@ -243,184 +238,6 @@ def _finish(
     if label_mode == "categorical":
         return images, tf.one_hot(e["label"], classes, dtype=tf.float32)
     return images, e["label"]
-
-
-class _Elements:
-    """The source of the dataset: draws rows, reads their bytes ahead, yields chunks of elements.
-
-    With ``paths`` (local files, or a local cache of remote ones) it yields paths: it reads and verifies only
-    rows this process has not verified yet, and the graph reads the files itself, so a warm epoch runs no
-    Python per image. Without (remote bytes not cached, or ``on_error="skip"``, which must catch every read)
-    it yields the bytes. Each iteration of the dataset calls it anew and continues with the next epochs, so
-    repeated iteration (``model.fit(epochs=...)``) sees fresh orders while every process sees the same
-    sequence.
-
-    It is not ``tf.data.Dataset.from_generator``: the first use of that op in a process pins glibc's mmap
-    threshold at 128 KiB for good (TensorFlow's ``ApplyPython311MemoryPatch``), after which every image-sized
-    tensor of every pipeline and model in the process is a fresh ``mmap``, hundreds of page faults an image:
-    it halved the throughput of this pipeline and of keras' beside it. The same generator is driven
-    through ``numpy_function`` instead, one state per iteration (:meth:`dataset`).
-    """
-
-    def __init__(
-        self,
-        rows: pd.DataFrame,
-        labels: np.ndarray,
-        scales: np.ndarray,
-        draws: Any,
-        epochs: int | None,
-        reader: Reader,
-        paths: np.ndarray | None,
-        augment: Augment | None,
-        shape: tuple[int, int],
-        seed: int,
-        skip: bool,
-        members: list[np.ndarray] | None,
-    ) -> None:
-        self._uris = rows[m.PATH].to_numpy()
-        self._formats = rows[m.FORMAT].to_numpy()
-        self._md5s = rows[m.MD5].to_numpy()
-        self._sizes = rows[m.SIZE].to_numpy().astype(np.int32)
-        # How to decode each row; a BMP's route depends on its header, known once its bytes were read.
-        self._routes = np.array([route(f, b"") if f != "bmp" else -1 for f in self._formats], dtype=np.int32)
-        self._labels = labels
-        self._scales = scales
-        self._draws = draws
-        self._epochs = epochs
-        self._reader = reader
-        self._paths = paths
-        self._augment = augment
-        self._shape = shape
-        self._seed = seed
-        self._skip = skip
-        self._members = members
-        self.skipped = Skipped()
-        self._iterations = 0
-        self._live: dict[int, Iterator[dict[str, np.ndarray]] | None] = {}  # None: finished
-        self._lock = threading.Lock()
-
-    def dataset(self) -> tf.data.Dataset:
-        """The chunks as a dataset: each iteration starts its own generator, which a sequential map steps
-        through until a step says there is no more."""
-        spec = self.signature()
-
-        def step(iteration: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-            dtypes = [tf.bool, *(s.dtype for s in spec.values())]
-            more, *values = tf.numpy_function(lambda i: self._next(i, spec), [iteration], dtypes)
-            for value, s in zip(values, spec.values(), strict=True):
-                value.set_shape(s.shape)
-            return more, dict(zip(spec, values, strict=True))
-
-        def chunks(iteration: tf.Tensor) -> tf.data.Dataset:
-            steps = tf.data.Dataset.from_tensors(iteration).repeat().map(step)
-            return steps.take_while(lambda more, _: more).map(lambda _, element: element)
-
-        start = tf.data.Dataset.from_tensors(0).map(lambda _: tf.numpy_function(self._start, [], tf.int64))
-        return start.flat_map(chunks)
-
-    def _start(self) -> np.int64:
-        with self._lock:
-            iteration, self._iterations = self._iterations, self._iterations + 1
-            self._live[iteration] = self._generate(iteration)
-            for old in [i for i in self._live if i <= iteration - _LIVE]:
-                chunks = self._live.pop(old)
-                if chunks is not None:
-                    chunks.close()  # abandoned (or very slow): release its read-ahead
-        return np.int64(iteration)
-
-    def _next(self, iteration: np.int64, spec: dict[str, tf.TensorSpec]) -> list[np.ndarray]:
-        """``[more, *element]`` in ``spec``'s order: the iteration's next chunk, or ``more`` False and an empty
-        chunk at its end."""
-        if int(iteration) not in self._live:
-            raise RuntimeError(
-                f"iteration {iteration} of this dataset was dropped: at most {_LIVE} iterations keep their "
-                "state at once; iterate it fewer times side by side"
-            )
-        chunks = self._live[int(iteration)]
-        element = next(chunks, None) if chunks is not None else None
-        if element is None:
-            self._live[int(iteration)] = None
-            return [np.False_, *(np.zeros([0, *s.shape[1:]], s.dtype.as_numpy_dtype) for s in spec.values())]
-        return [np.True_, *(element[name] for name in spec)]
-
-    def signature(self) -> dict[str, tf.TensorSpec]:
-        spec = {
-            "how": tf.TensorSpec([None], tf.int32),
-            "scale": tf.TensorSpec([None], tf.int32),
-            "label": tf.TensorSpec([None], tf.int32),
-        }
-        if self._paths is not None:
-            spec["path"], spec["size"] = tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)
-        else:
-            spec["data"] = tf.TensorSpec([None], tf.string)
-        if self._augment is not None:
-            spec["params"] = tf.TensorSpec([None, PARAMS], tf.float32)
-            spec["noise_seed"] = tf.TensorSpec([None, 2], tf.int64)
-        return spec
-
-    def _generate(self, iteration: int) -> Iterator[dict[str, np.ndarray]]:
-        first = iteration * self._epochs if self._epochs else 0
-        pending: deque = deque()
-        for rows, groups, epoch in self._chunks(first):
-            reads = rows.tolist()
-            if self._paths is not None:
-                reads = [row for row in reads if not self._reader.verified(row)]
-            pending.append((rows, groups, epoch, reads, self._reader.submit(reads)))
-            if len(pending) > _AHEAD:
-                yield self._element(*pending.popleft())
-        while pending:
-            yield self._element(*pending.popleft())
-
-    def _chunks(self, first_epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-        for draws in itertools.islice(self._draws(first_epoch), self._epochs):
-            for start in range(0, len(draws.rows), _CHUNK):
-                yield draws.rows[start : start + _CHUNK], draws.groups[start : start + _CHUNK], draws.epoch
-
-    def _element(
-        self, rows: np.ndarray, groups: np.ndarray, epoch: int, reads: list[int], futures: list
-    ) -> dict[str, np.ndarray]:
-        if self._paths is not None:
-            for row, read in zip(reads, Reader.results(futures), strict=True):
-                if isinstance(read, ImageError):
-                    raise read
-                self._routes[row] = route(self._formats[row], read)
-            element = {"path": self._paths[rows], "size": self._sizes[rows]}
-        else:
-            kept, data = [], []
-            for row, group, read in zip(rows.tolist(), groups.tolist(), Reader.results(futures), strict=True):
-                if not isinstance(read, ImageError):
-                    kept.append(row)
-                    data.append(read)
-                    continue
-                if not self._skip:
-                    raise read
-                self.skipped.add(self._uris[row], str(read))
-                if self._members is not None:  # balanced: keep the batch whole with another image of the class
-                    row, read = self._substitute(row, group)
-                    kept.append(row)
-                    data.append(read)
-            for row, read in zip(kept, data, strict=True):
-                self._routes[row] = route(self._formats[row], read)
-            rows = np.asarray(kept, dtype=np.int64)
-            element = {"data": np.asarray(data, dtype=object).reshape(-1)}
-        element.update(how=self._routes[rows], scale=self._scales[rows], label=self._labels[rows])
-        if self._augment is not None:
-            keys = sample_keys(self._seed, self._md5s[rows], np.full(len(rows), epoch))
-            element["params"], element["noise_seed"] = self._augment.draw(keys, *self._shape)
-        return element
-
-    def _substitute(self, row: int, group: int) -> tuple[int, bytes]:
-        """The next readable image of the same group after ``row``, in manifest order."""
-        members = self._members[group]
-        start = int(np.searchsorted(members, row))
-        for other in np.roll(members, -start - 1).tolist():
-            if self._uris[other] in self.skipped.paths:
-                continue
-            try:
-                return other, self._reader.read(other)
-            except ImageError as err:
-                self.skipped.add(self._uris[other], str(err))
-        raise ImageError(f"every image of class group {group} is unreadable; see the warnings above")
 
 
 def _check(args: Mapping[str, Any]) -> int:
