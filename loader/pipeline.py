@@ -21,6 +21,7 @@ from loader import sampling
 from loader.augment import Augment
 from loader.images import Reader, decode, jpeg_scales, read_checked, uniform_jpeg
 from loader.source import Elements
+from loader.stages import host_map
 from strata.errors import ConfigError, ManifestError
 from strata.storage import open_url
 
@@ -143,7 +144,7 @@ def from_manifest(
     paths = reader.local_paths if on_error == "raise" else None  # None: bytes pass through Python
     elements = Elements(
         rows=rows,
-        labels=np.searchsorted(class_names, rows[m.CATEGORY].to_numpy()).astype(np.int32),
+        labels=np.searchsorted(class_names, rows[m.CATEGORY].to_numpy()),
         scales=scales,
         draws=draws,
         epochs=epochs,
@@ -180,7 +181,7 @@ def from_manifest(
     size = balanced[0] * balanced[1] if balanced else batch_size
     dataset = elements.dataset()
     dataset = dataset.rebatch(size, drop_remainder=bool(balanced))
-    dataset = dataset.map(decoded, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = host_map(dataset, decoded, parallel=True)
     batches = _batches(len(owned), size, epochs, bool(balanced))
     if batches is not None and (balanced or on_error == "raise"):  # skipping makes the count unknowable
         dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))  # Keras sizes epochs by it
@@ -237,7 +238,7 @@ def _finish(
         return images
     if label_mode == "categorical":
         return images, tf.one_hot(e["label"], classes, dtype=tf.float32)
-    return images, e["label"]
+    return images, tf.cast(e["label"], tf.int32)
 
 
 def _check(args: Mapping[str, Any]) -> int:

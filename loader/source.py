@@ -19,6 +19,7 @@ import tensorflow as tf
 from loader import manifest as m
 from loader.augment import PARAMS, Augment, sample_keys
 from loader.images import Reader, Skipped, route
+from loader.stages import host_map
 from strata.errors import ImageError
 
 __all__ = ["Elements"]
@@ -98,7 +99,7 @@ class Elements:
             steps = tf.data.Dataset.from_tensors(iteration).repeat().map(step)
             return steps.take_while(lambda more, _: more).map(lambda _, element: element)
 
-        start = tf.data.Dataset.from_tensors(0).map(lambda _: tf.numpy_function(self._start, [], tf.int64))
+        start = host_map(tf.data.Dataset.from_tensors(0), lambda _: tf.numpy_function(self._start, [], tf.int64))
         return start.flat_map(chunks)
 
     def _start(self) -> np.int64:
@@ -130,7 +131,7 @@ class Elements:
         spec = {
             "how": tf.TensorSpec([None], tf.int32),
             "scale": tf.TensorSpec([None], tf.int32),
-            "label": tf.TensorSpec([None], tf.int32),
+            "label": tf.TensorSpec([None], tf.int64),  # int32 only after the host stages (stages.py)
         }
         if self._paths is not None:
             spec["path"], spec["size"] = tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)

@@ -25,6 +25,7 @@ from loader.augment import sample_keys
 from loader.images import JPEG, decode, jpeg_scales, uniform_jpeg
 from loader.pipeline import _augmented
 from loader.sampling import group_probabilities
+from loader.stages import host_map
 from strata.errors import ConfigError, IntegrityError, ManifestError
 from tests.conftest import VIAL, encode, picture
 
@@ -160,6 +161,34 @@ def test_pipeline_uses_no_generator_dataset(classes: str) -> None:
     ops = {node.op for node in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
     assert "PyFunc" in ops  # the graph and its functions were searched
     assert not {op for op in ops if "Generator" in op}, ops
+
+
+def test_decode_stage_is_prepared_once_per_dataset(classes: str) -> None:
+    """A multi-device map function is placed and optimised by grappler again at every iteration (epoch); the
+    decode stage, with the augmentation program in it, is a single-device function (stages.host_map)."""
+    ds = loader.from_manifest(classes, augment=loader.Augment(flip=0.5, rotate=0.5), **GRAY)
+    graph = tf.compat.v1.GraphDef.FromString(ds._as_serialized_graph().numpy())
+    single = {f.signature.name for f in graph.library.function if f.attr["experimental_ints_on_device"].b}
+    assert any("map_decoded" in name for name in single), single
+    assert next(iter(ds))[0].shape == (32, 8, 8, 1)
+
+
+def test_host_map_matches_dataset_map_and_refuses_int32_outputs() -> None:
+    ds = tf.data.Dataset.range(20).batch(3)
+
+    def pair(x: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"text": tf.strings.as_string(x), "twice": x * 2}
+
+    options = tf.data.Options()
+    options.deterministic = True
+    expected = list(ds.map(pair).as_numpy_iterator())
+    for parallel in (False, True):
+        got = list(host_map(ds, pair, parallel=parallel).prefetch(2).with_options(options).as_numpy_iterator())
+        assert len(got) == len(expected) == 7
+        for a, b in zip(got, expected, strict=True):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="int32"):
+        host_map(ds, tf.function(lambda x: tf.cast(x, tf.int32)))
 
 
 def test_abandoned_iterations_are_dropped_and_say_so(classes: str) -> None:
