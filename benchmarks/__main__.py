@@ -115,7 +115,7 @@ def main() -> None:
             )
         if "inspect" in chosen:
             print(f"inspect: {size['inspect']} files ...", flush=True)
-            results["inspect"] = curation.inspect_row(work / "inspect", size["inspect"])
+            results["inspect"] = curation.inspect_row(work / "inspect", size["inspect"], size["rounds"])
         if "split" in chosen:
             print(f"split: {size['split']:,} rows ...", flush=True)
             results["split"] = curation.split_row(size["split"], HERE / ".venv-brevettiai", install=not args.quick)
