@@ -144,7 +144,7 @@ def from_manifest(
     paths = reader.local_paths if on_error == "raise" else None  # None: bytes pass through Python
     elements = Elements(
         rows=rows,
-        labels=np.searchsorted(class_names, rows[m.CATEGORY].to_numpy()),
+        labels=np.searchsorted(class_names, rows[m.CATEGORY].to_numpy()).astype(np.int64),
         scales=scales,
         draws=draws,
         epochs=epochs,

@@ -2,14 +2,14 @@
 
 ``Dataset.map`` marks its function multi-device, so each new iterator (every epoch of ``model.fit``) places
 and optimises the function graph with grappler again, nested functions included: 28 ms for the loader's
-decode stage, 136 ms once the XLA augmentation program is part of it, a fifth of an epoch's worth of
-images at 2,000 images a second before the first batch. A function carrying ``experimental_ints_on_device``
-(TensorFlow's own attribute for functions it runs on one device, used by its map-on-GPU stage) is
-instantiated as a single-device function: no placement, no grappler, the same kernels and the same pixels.
-It suits functions whose ops all run on the host, which is what tf.data runs map functions on; the GPU
-augmentation stage, pinned to a GPU, keeps ``Dataset.map``. Such a function must not return int32 tensors:
-the attribute turns their return nodes into ``_DeviceRetval``, which tf.data's own graph rewrites
-(``inject_prefetch``) take for a dataset graph and reject.
+decode stage, 136 ms once the XLA augmentation program is part of it, before the first batch of every
+epoch. A function carrying ``experimental_ints_on_device`` (TensorFlow's own attribute for functions it
+runs on one device, used by its map-on-GPU stage) is instantiated as a single-device function: no
+placement, no grappler, the same kernels and the same pixels. It suits functions whose ops all run on the
+host, which is what tf.data runs map functions on; the GPU augmentation stage, pinned to a GPU, keeps
+``Dataset.map``. Such a function must not return int32 tensors: the attribute turns their return nodes
+into ``_DeviceRetval``, which tf.data's own graph rewrites (``inject_prefetch``) take for a dataset graph
+and reject.
 
 The stage is built from tf.data's internals (``StructuredFunctionWrapper``, the map ops). Where a TensorFlow
 version lacks them, :func:`host_map` falls back to ``Dataset.map``: slower to start, the same elements.
@@ -29,8 +29,6 @@ try:
     from tensorflow.python.ops import gen_dataset_ops
 except ImportError:  # pragma: no cover - depends on the TensorFlow build
     dataset_ops = None
-
-_SINGLE_DEVICE = {"experimental_ints_on_device": True}
 
 
 def host_map(dataset: tf.data.Dataset, fn: Callable, parallel: bool = False) -> tf.data.Dataset:
@@ -53,8 +51,9 @@ if dataset_ops is not None:
         def __init__(self, dataset: tf.data.Dataset, fn: Callable, parallel: bool) -> None:
             self._input_dataset = dataset
             self._name = None
+            # A fresh dict each time: the wrapper adds the function's name and tf.data marks to it.
             self._map_func = structured_function.StructuredFunctionWrapper(
-                fn, "Dataset.map()", dataset=dataset, defun_kwargs=dict(_SINGLE_DEVICE)
+                fn, "Dataset.map()", dataset=dataset, defun_kwargs={"experimental_ints_on_device": True}
             )
             if any(spec.dtype == tf.int32 for spec in tf.nest.flatten(self._map_func.output_structure)):
                 raise ValueError(f"host_map: {fn} returns int32 tensors; return int64 and cast after the stage")
