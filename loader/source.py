@@ -7,8 +7,11 @@ generator per iteration of the dataset.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
+import time
+import weakref
 from collections import deque
 from typing import Any, Iterator
 
@@ -27,6 +30,7 @@ __all__ = ["Elements"]
 _CHUNK = 256  # draws per generator step: amortises Python overhead; reads run two chunks ahead
 _AHEAD = 2
 _LIVE = 8  # iterations of one dataset whose state is kept; the oldest is dropped beyond that
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # every source of this process, ended at its exit (_end_all)
 
 
 class Elements:
@@ -82,6 +86,10 @@ class Elements:
         self._iterations = 0
         self._live: dict[int, Iterator[dict[str, np.ndarray]] | None] = {}  # None: finished
         self._lock = threading.Lock()
+        self._ended = False  # set at exit: every step says there is no more
+        self.last_step = 0.0  # time.monotonic() of the latest step's start
+        self.stepping = 0  # steps under way
+        _OPEN.add(self)
 
     def dataset(self) -> tf.data.Dataset:
         """The chunks as a dataset: each iteration starts its own generator, which a sequential map steps
@@ -102,10 +110,19 @@ class Elements:
         start = host_map(tf.data.Dataset.from_tensors(0), lambda _: tf.numpy_function(self._start, [], tf.int64))
         return start.flat_map(chunks)
 
+    def end(self) -> None:
+        """End every iteration: its next step says there is no more (a step under way finishes first), and
+        new ones start empty."""
+        self._ended = True
+
+    def running(self) -> bool:
+        """Whether an iteration has not said that there is no more."""
+        return any(chunks is not None for chunks in list(self._live.values()))
+
     def _start(self) -> np.int64:
         with self._lock:
             iteration, self._iterations = self._iterations, self._iterations + 1
-            self._live[iteration] = self._generate(iteration)
+            self._live[iteration] = None if self._ended else self._generate(iteration)
             for old in [i for i in self._live if i <= iteration - _LIVE]:
                 chunks = self._live.pop(old)
                 if chunks is not None:
@@ -120,10 +137,22 @@ class Elements:
                 f"iteration {iteration} of this dataset was dropped: at most {_LIVE} iterations keep their "
                 "state at once; iterate it fewer times side by side"
             )
-        chunks = self._live[int(iteration)]
+        with self._lock:
+            self.last_step, self.stepping = time.monotonic(), self.stepping + 1
+        try:
+            return self._step(int(iteration), spec)
+        finally:
+            with self._lock:
+                self.stepping -= 1
+
+    def _step(self, iteration: int, spec: dict[str, tf.TensorSpec]) -> list[np.ndarray]:
+        chunks = self._live[iteration]
+        if self._ended and chunks is not None:
+            chunks.close()  # only this step's thread drives the iteration: it is not executing elsewhere
+            chunks = None
         element = next(chunks, None) if chunks is not None else None
         if element is None:
-            self._live[int(iteration)] = None
+            self._live[iteration] = None
             return [np.False_, *(np.zeros([0, *s.shape[1:]], s.dtype.as_numpy_dtype) for s in spec.values())]
         return [np.True_, *(element[name] for name in spec)]
 
@@ -205,3 +234,28 @@ class Elements:
             except ImageError as err:
                 self.skipped.add(self._uris[other], str(err))
         raise ImageError(f"every image of class group {group} is unreadable; see the warnings above")
+
+
+def _end_all(quiet: float = 0.2, limit: float = 2.0) -> None:
+    """End every source before the interpreter shuts down, and let running pipelines see it.
+
+    A pipeline still iterating at exit calls its step in a tf.data thread; if that call waits for the GIL once
+    the interpreter is finalizing, the thread never returns, and destroying the iterator waits for it for
+    ever: the process hangs at exit. Ended sources answer their next step with "no more" at once, so their
+    pipelines stop calling Python; this waits until none is running or no step came for ``quiet`` seconds
+    (a pipeline with full buffers calls nothing until it is destroyed, which cancels it first).
+    """
+    sources = list(_OPEN)
+    for source in sources:
+        source.end()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        busy = [s for s in sources if s.stepping or (s.running() and time.monotonic() - s.last_step < quiet)]
+        if not busy:
+            return
+        time.sleep(0.01)  # lets a step that waits for the GIL take it, and see the end
+
+
+# Before concurrent.futures joins the readers' threads (it registers there too, and the last registered runs
+# first), so a step in flight does not meet a shut-down executor; plain atexit on interpreters without it.
+getattr(threading, "_register_atexit", atexit.register)(_end_all)

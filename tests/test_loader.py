@@ -490,6 +490,34 @@ def test_reads_s3_manifests_and_caches_image_bytes(s3: fsspec.AbstractFileSystem
         list(loader.from_manifest(root, stratify_by=None, **GRAY))
 
 
+EXIT_SCRIPT = """
+import faulthandler, sys
+faulthandler.dump_traceback_later(60, exit=True)  # a hang fails the run instead of stalling the suite
+import loader, loader.source
+loader.source._CHUNK = 1  # a step per element: the pipeline is calling Python whenever the process exits
+dataset = loader.from_manifest(sys.argv[1], batch_size=4, repeat=True, augment=loader.Augment(rotate=1.0))
+iterator = iter(dataset)
+next(iterator)
+print("done", flush=True)
+"""
+
+
+def test_a_process_exits_while_its_pipeline_is_still_reading(tmp_path: Path) -> None:
+    # A step that waits for the GIL once the interpreter is finalizing never returns, and destroying the
+    # iterator waits for it: without ending the sources first, most of these runs hung at exit.
+    samples = [(f"{c}/{i}.jpg", encode(picture(i, (640, 480)), "jpg"), "train") for c in "ab" for i in range(12)]
+    root = publish(str(tmp_path), samples)
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", EXIT_SCRIPT, root], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO
+        )
+        for _ in range(3)
+    ]
+    for run in runs:
+        out, err = run.communicate(timeout=120)
+        assert (run.returncode, out.strip()) == (0, b"done"), err.decode()[-3000:]
+
+
 def test_loader_imports_without_prefect_or_great_expectations(classes: str) -> None:
     script = textwrap.dedent(
         f"""
