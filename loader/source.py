@@ -87,7 +87,6 @@ class Elements:
         self._live: dict[int, Iterator[dict[str, np.ndarray]] | None] = {}  # None: finished
         self._lock = threading.Lock()
         self._ended = False  # set at exit: every step says there is no more
-        self.last_step = 0.0  # time.monotonic() of the latest step's start
         self.stepping = 0  # steps under way
         _OPEN.add(self)
 
@@ -138,7 +137,7 @@ class Elements:
                 "state at once; iterate it fewer times side by side"
             )
         with self._lock:
-            self.last_step, self.stepping = time.monotonic(), self.stepping + 1
+            self.stepping += 1
         try:
             return self._step(int(iteration), spec)
         finally:
@@ -236,24 +235,25 @@ class Elements:
         raise ImageError(f"every image of class group {group} is unreadable; see the warnings above")
 
 
-def _end_all(quiet: float = 0.2, limit: float = 2.0) -> None:
-    """End every source before the interpreter shuts down, and let running pipelines see it.
+def _end_all(idle: float = 0.1, limit: float = 10.0) -> None:
+    """End every source before the interpreter shuts down, and wait until no pipeline will call it again.
 
     A pipeline still iterating at exit calls its step in a tf.data thread; if that call waits for the GIL once
     the interpreter is finalizing, the thread never returns, and destroying the iterator waits for it for
-    ever: the process hangs at exit. Ended sources answer their next step with "no more" at once, so their
-    pipelines stop calling Python; this waits until none is running or no step came for ``quiet`` seconds
-    (a pipeline with full buffers calls nothing until it is destroyed, which cancels it first).
+    ever: the process hangs at exit. Ended sources answer their next step with "no more" at once, and their
+    pipelines stop. A pipeline still decoding its chunk steps again when the chunk is used up, so this waits
+    until every iteration has ended, or the process spent almost no CPU for ``idle`` seconds: whatever still
+    runs has full buffers and calls nothing until it is destroyed, which cancels it first.
     """
     sources = list(_OPEN)
     for source in sources:
         source.end()
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        busy = [s for s in sources if s.stepping or (s.running() and time.monotonic() - s.last_step < quiet)]
-        if not busy:
+    deadline, cpu = time.monotonic() + limit, time.process_time()
+    while time.monotonic() < deadline and any(s.stepping or s.running() for s in sources):
+        time.sleep(idle)  # also lets a step that waits for the GIL take it, and see the end
+        used, cpu = time.process_time() - cpu, time.process_time()
+        if used < idle / 20 and not any(s.stepping for s in sources):
             return
-        time.sleep(0.01)  # lets a step that waits for the GIL take it, and see the end
 
 
 # Before concurrent.futures joins the readers' threads (it registers there too, and the last registered runs
