@@ -123,9 +123,9 @@ class Elements:
             iteration, self._iterations = self._iterations, self._iterations + 1
             self._live[iteration] = None if self._ended else self._generate(iteration)
             for old in [i for i in self._live if i <= iteration - _LIVE]:
-                chunks = self._live.pop(old)
-                if chunks is not None:
-                    chunks.close()  # abandoned (or very slow): release its read-ahead
+                # Abandoned (or very slow): freeing its generator closes it and releases its read-ahead. Closing
+                # it here would raise instead if another thread is in a step of it.
+                del self._live[old]
         return np.int64(iteration)
 
     def _next(self, iteration: np.int64, spec: dict[str, tf.TensorSpec]) -> list[np.ndarray]:
@@ -145,7 +145,7 @@ class Elements:
                 self.stepping -= 1
 
     def _step(self, iteration: int, spec: dict[str, tf.TensorSpec]) -> list[np.ndarray]:
-        chunks = self._live[iteration]
+        chunks = self._live.get(iteration)  # None: finished, or dropped since _next looked
         if self._ended and chunks is not None:
             chunks.close()  # only this step's thread drives the iteration: it is not executing elsewhere
             chunks = None
