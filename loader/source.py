@@ -2,7 +2,8 @@
 
 :class:`Elements` turns the sampler's draws into chunks of elements (paths or bytes, decode routes, labels,
 augmentation parameters) and exposes them as a ``tf.data.Dataset`` driven through ``numpy_function``, one
-generator per iteration of the dataset.
+generator per iteration of the dataset. At interpreter exit every source ends first (:func:`_end_all`), so
+that no tf.data thread calls Python while the interpreter finalizes: such a call never returns.
 """
 
 from __future__ import annotations
