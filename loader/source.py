@@ -146,10 +146,8 @@ class Elements:
                 self.stepping -= 1
 
     def _step(self, iteration: int, spec: dict[str, tf.TensorSpec]) -> list[np.ndarray]:
-        chunks = self._live.get(iteration)  # None: finished, or dropped since _next looked
-        if self._ended and chunks is not None:
-            chunks.close()  # only this step's thread drives the iteration: it is not executing elsewhere
-            chunks = None
+        # None: ended at exit, finished, or dropped since _next looked. Letting the generator go below closes it.
+        chunks = None if self._ended else self._live.get(iteration)
         element = next(chunks, None) if chunks is not None else None
         if element is None:
             self._live[iteration] = None
