@@ -13,6 +13,8 @@ import numpy as np
 import tensorflow as tf
 
 import loader
+from benchmarks.data import SIZE
+from loader.images import decode, jpeg_scales, uniform_jpeg
 
 BATCH = 32
 IMAGE_SIZE = (224, 224)
@@ -80,6 +82,45 @@ def ours(dataset_uri: str, files: int, **kwargs: object) -> tf.data.Dataset:
     return dataset.take(-(-files // size))
 
 
+def kernel_rates(folder: Path, rounds: int, files: int = 600) -> dict[str, list[float]]:
+    """Images per CPU-second of the decode+resize kernels alone, ours against keras', on the same bytes: no
+    pipeline, one image after another in one graph, in back-to-back pairs.
+
+    Their ratio is what the loader row could show if neither pipeline cost anything: both pay JPEG's entropy
+    decoding in full, which no DCT scale avoids, so it bounds the row on these files.
+    """
+    data = tf.constant([path.read_bytes() for path in sorted(folder.rglob("*.jpg"))[:files]])
+    widths, heights = np.array([SIZE[0]]), np.array([SIZE[1]])
+    scales = jpeg_scales(widths, heights, IMAGE_SIZE, None, False)
+    uniform = uniform_jpeg(np.array(["jpeg"]), scales, widths, heights, IMAGE_SIZE, None)
+    none = tf.constant(0)
+
+    def each(kernel: object) -> tf.data.Dataset:
+        def run(batch: tf.Tensor) -> tf.Tensor:
+            total = tf.constant(0.0)
+            for i in tf.range(tf.shape(batch)[0]):
+                total += kernel(batch[i])[0, 0, 0]
+            return total
+
+        # One element holding every image: the kernels run under tf.data's threading, as in both pipelines.
+        return tf.data.Dataset.from_tensors(data).map(run)
+
+    kernels = {
+        "kernels: strata decode": each(lambda d: decode(d, none, none, 3, IMAGE_SIZE, False, None, uniform)),
+        # keras.utils.image_dataset_from_directory's own load_image, without the file read
+        "kernels: keras decode": each(
+            lambda d: tf.image.resize(tf.io.decode_image(d, channels=3, expand_animations=False), IMAGE_SIZE)
+        ),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in kernels}
+    for _ in range(rounds):
+        for name, dataset in kernels.items():
+            start = time.process_time()
+            dataset.get_single_element()
+            rates[name].append(int(data.shape[0]) / (time.process_time() - start))
+    return rates
+
+
 def measure_apart(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float]]:
     """:func:`measure` in a fresh Python process, away from the Prefect server, the flow's threads and the
     heap the curation left behind; ours and the baselines still share that one process."""
@@ -94,7 +135,7 @@ def measure(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float
     """Per-round throughputs in images/s of our pipelines and the baselines, on the same files, interleaved
     so that each of ours runs right after the baseline it is judged against."""
     files = len(list(folder.rglob("*.jpg")))
-    return interleaved(
+    rates = interleaved(
         {
             "keras image_dataset_from_directory": keras_baseline(folder),
             "strata stratified": ours(dataset_uri, files),
@@ -105,6 +146,7 @@ def measure(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float
         },
         rounds,
     )
+    return {**rates, **kernel_rates(folder, rounds)}
 
 
 if __name__ == "__main__":
