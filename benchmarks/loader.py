@@ -86,8 +86,9 @@ def kernel_rates(folder: Path, rounds: int, files: int = 600) -> dict[str, list[
     """Images per CPU-second of the decode+resize kernels alone, ours against keras', on the same bytes: no
     pipeline, one image after another in one graph, in back-to-back pairs.
 
-    Their ratio is what the loader row could show if neither pipeline cost anything: both pay JPEG's entropy
-    decoding in full, which no DCT scale avoids, so it bounds the row on these files.
+    Their ratio is what the loader row would show if neither pipeline cost anything beyond its kernels. Both
+    pay JPEG's entropy decoding in full, which no DCT scale avoids; the rest of the row's ratio is what the
+    pipelines themselves cost per image.
     """
     data = tf.constant([path.read_bytes() for path in sorted(folder.rglob("*.jpg"))[:files]])
     widths, heights = np.array([SIZE[0]]), np.array([SIZE[1]])
