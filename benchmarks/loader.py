@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -84,7 +85,7 @@ def ours(dataset_uri: str, files: int, **kwargs: object) -> tf.data.Dataset:
 
 def kernel_rates(folder: Path, rounds: int, files: int = 600) -> dict[str, list[float]]:
     """Images per CPU-second of the decode+resize kernels alone, ours against keras', on the same bytes: no
-    pipeline, one image after another in one graph, in back-to-back pairs.
+    pipeline around them, one image after another in a single call, in back-to-back pairs.
 
     Their ratio is what the loader row would show if neither pipeline cost anything beyond its kernels. Both
     pay JPEG's entropy decoding in full, which no DCT scale avoids; the rest of the row's ratio is what the
@@ -96,7 +97,7 @@ def kernel_rates(folder: Path, rounds: int, files: int = 600) -> dict[str, list[
     uniform = uniform_jpeg(np.array(["jpeg"]), scales, widths, heights, IMAGE_SIZE, None)
     none = tf.constant(0)
 
-    def each(kernel: object) -> tf.data.Dataset:
+    def each(kernel: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
         def run(batch: tf.Tensor) -> tf.Tensor:
             total = tf.constant(0.0)
             for i in tf.range(tf.shape(batch)[0]):
