@@ -34,18 +34,23 @@ def epoch_rate(dataset: tf.data.Dataset) -> float:
     return count / elapsed
 
 
-def interleaved(candidates: dict[str, tf.data.Dataset], rounds: int) -> dict[str, list[float]]:
-    """Epoch rates of each candidate over ``rounds`` interleaved rounds, after one warm-up epoch each.
+def interleaved(
+    candidates: dict[str, tf.data.Dataset],
+    rounds: int,
+    rate: Callable[[tf.data.Dataset], float] = epoch_rate,
+) -> dict[str, list[float]]:
+    """Rates of each candidate (``rate``: by default images/s over one epoch) over ``rounds`` interleaved
+    rounds, after one warm-up run each.
 
     This machine's usable CPU swings between about one and two cores within seconds: a slow phase that spans
     a back-to-back pair cancels in their ratio, and the median over rounds (:func:`paired`) damps the rest.
     """
     for dataset in candidates.values():
-        epoch_rate(dataset)
+        rate(dataset)
     rates: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, dataset in candidates.items():
-            rates[name].append(epoch_rate(dataset))
+            rates[name].append(rate(dataset))
     return rates
 
 
@@ -85,7 +90,7 @@ def ours(dataset_uri: str, files: int, **kwargs: object) -> tf.data.Dataset:
 
 def kernel_rates(folder: Path, rounds: int, files: int = 600) -> dict[str, list[float]]:
     """Images per CPU-second of the decode+resize kernels alone, ours against keras', on the same bytes: no
-    pipeline around them, one image after another in a single call, in back-to-back pairs.
+    pipeline around them, one image after another in a single call, interleaved as the pipelines are.
 
     Their ratio is what the loader row would show if neither pipeline cost anything beyond its kernels. Both
     pay JPEG's entropy decoding in full, which no DCT scale avoids; the rest of the row's ratio is what the
@@ -114,13 +119,13 @@ def kernel_rates(folder: Path, rounds: int, files: int = 600) -> dict[str, list[
             lambda d: tf.image.resize(tf.io.decode_image(d, channels=3, expand_animations=False), IMAGE_SIZE)
         ),
     }
-    rates: dict[str, list[float]] = {name: [] for name in kernels}
-    for _ in range(rounds):
-        for name, dataset in kernels.items():
-            start = time.process_time()
-            dataset.get_single_element()
-            rates[name].append(int(data.shape[0]) / (time.process_time() - start))
-    return rates
+
+    def cpu_rate(dataset: tf.data.Dataset) -> float:
+        start = time.process_time()
+        dataset.get_single_element()
+        return int(data.shape[0]) / (time.process_time() - start)
+
+    return interleaved(kernels, rounds, cpu_rate)
 
 
 def measure_apart(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float]]:
