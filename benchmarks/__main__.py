@@ -89,7 +89,8 @@ def main() -> None:
 
             curate_dataset(source=str(work / "jpegs"), dataset="bench", manifest_root=str(work / "manifests"))
             rates = loader_rows.measure_apart(work / "jpegs", str(work / "manifests" / "bench"), size["rounds"])
-            print("  per-round images/s:", {k: [round(v) for v in vs] for k, vs in rates.items()}, flush=True)
+            per_round = {k: [round(v) for v in vs] for k, vs in rates.items()}
+            print("  per-round images/s (kernels: images per CPU-second):", per_round, flush=True)
             best = {name: max(values) for name, values in rates.items()}
             how = f"median of {size['rounds']} back-to-back pairs' ratios (images/s: best of each shown)"
 
