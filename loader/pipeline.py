@@ -191,6 +191,12 @@ def from_manifest(
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
+    # No autotuning model. Dropping an iterator joins the model's thread, which first sleeps out its current
+    # optimisation period; the period doubles, up to a minute, as long as the iterator lives, and model.fit
+    # drops an iterator every epoch. That stalled epochs by up to their own length (2-3 s on the bench
+    # data). Without the model, AUTOTUNE stages run TensorFlow's default parallelism (one call per core,
+    # at most 16) and the final prefetch tunes its own buffer: the same throughput there.
+    options.autotune.enabled = False
     dataset = dataset.with_options(options)
     dataset.class_names = class_names
     dataset.version = resolved.number

@@ -173,6 +173,15 @@ def test_decode_stage_is_prepared_once_per_dataset(classes: str) -> None:
     assert next(iter(ds))[0].shape == (32, 8, 8, 1)
 
 
+def test_pipeline_runs_without_the_autotuning_model(classes: str) -> None:
+    """Dropping an iterator joins tf.data's autotuning thread once it has slept out its optimisation period,
+    which grows to a minute: model.fit drops one every epoch, and each stalled by up to the epoch's length."""
+    ds = loader.from_manifest(classes, augment=loader.Augment(flip=0.5), **GRAY)
+    assert ds.options().autotune.enabled is False
+    assert ds.options().deterministic is True
+    assert next(iter(ds))[0].shape == (32, 8, 8, 1)
+
+
 def test_host_map_matches_dataset_map_and_refuses_int32_outputs() -> None:
     ds = tf.data.Dataset.range(20).batch(3)
 
