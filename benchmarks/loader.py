@@ -14,12 +14,13 @@ import numpy as np
 import tensorflow as tf
 
 import loader
-from benchmarks.data import SIZE
+from benchmarks.data import CLASSES, SIZE
 from loader.images import decode, jpeg_scales, uniform_jpeg
 
 BATCH = 32
 IMAGE_SIZE = (224, 224)
 AUGMENT = dict(flip=0.5, rotate=0.5, brightness=0.5, contrast=0.5, hue=0.5, saturation=0.5)
+FIT_EPOCHS = 3
 
 
 def epoch_rate(dataset: tf.data.Dataset) -> float:
@@ -88,6 +89,31 @@ def ours(dataset_uri: str, files: int, **kwargs: object) -> tf.data.Dataset:
     return dataset.take(-(-files // size))
 
 
+def fit_rate(images: int, epochs: int = FIT_EPOCHS) -> Callable[[tf.data.Dataset], float]:
+    """A rate (for :func:`interleaved`): images/s of ``model.fit`` over ``epochs`` epochs of ``images`` each.
+
+    The model (global average pooling, one dense layer) is too small to matter: this is the input pipeline as
+    training sees it, where every epoch makes a new iterator and drops the last one. Each dataset keeps one
+    model across calls, so only its first call traces the training step.
+    """
+    import keras
+
+    models: dict[int, keras.Model] = {}
+
+    def rate(dataset: tf.data.Dataset) -> float:
+        if id(dataset) not in models:
+            layers = [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(len(CLASSES))]
+            models[id(dataset)] = keras.Sequential([keras.Input((*IMAGE_SIZE, 3)), *layers])
+            models[id(dataset)].compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        start = time.perf_counter()
+        models[id(dataset)].fit(dataset, epochs=epochs, verbose=0)
+        elapsed = time.perf_counter() - start
+        gc.collect()
+        return epochs * images / elapsed
+
+    return rate
+
+
 def kernel_rates(folder: Path, rounds: int, files: int = 600) -> dict[str, list[float]]:
     """Images per CPU-second of the decode+resize kernels alone, ours against keras', on the same bytes: no
     pipeline around them, one image after another in a single call, interleaved as the pipelines are.
@@ -153,7 +179,17 @@ def measure(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float
         },
         rounds,
     )
-    return {**rates, **kernel_rates(folder, rounds)}
+    training = interleaved(
+        {
+            "fit: keras image_dataset_from_directory": keras_baseline(folder),
+            "fit: strata stratified": loader.from_manifest(
+                dataset_uri, purpose=None, batch_size=BATCH, image_size=IMAGE_SIZE
+            ),
+        },
+        rounds,
+        fit_rate(files),
+    )
+    return {**rates, **training, **kernel_rates(folder, rounds)}
 
 
 if __name__ == "__main__":
