@@ -105,14 +105,14 @@ def main() -> None:
 
             others = ", ".join(f"{k} {best[k]:.0f}" for k in ("strata plain", "strata balanced"))
             kernels = loader_rows.paired(rates["kernels: strata decode"], rates["kernels: keras decode"])
-            fit = [rates[f"fit: {name}"] for name in ("strata stratified", "keras image_dataset_from_directory")]
+            fit_ours, fit_keras = "fit: strata stratified", "fit: keras image_dataset_from_directory"
             results["loader"] = paired_row(
                 "strata stratified",
                 "keras image_dataset_from_directory",
                 f"one warm epoch each; also {others} images/s; the decode+resize kernels alone, without either "
                 f"pipeline, use {kernels:.2f}x less CPU per image than keras' (median of paired rounds); in "
-                f"model.fit, {loader_rows.FIT_EPOCHS} epochs a round, {max(fit[0]):.0f} against {max(fit[1]):.0f} "
-                f"images/s, {loader_rows.paired(*fit):.2f}x",
+                f"model.fit, {loader_rows.FIT_EPOCHS} epochs a round, {best[fit_ours]:.0f} against "
+                f"{best[fit_keras]:.0f} images/s, {loader_rows.paired(rates[fit_ours], rates[fit_keras]):.2f}x",
             )
             results["loader_augmented"] = paired_row(
                 "strata stratified + augment",

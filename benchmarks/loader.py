@@ -101,12 +101,13 @@ def fit_rate(images: int, epochs: int = FIT_EPOCHS) -> Callable[[tf.data.Dataset
     models: dict[int, keras.Model] = {}
 
     def rate(dataset: tf.data.Dataset) -> float:
-        if id(dataset) not in models:
+        model = models.get(id(dataset))
+        if model is None:
             layers = [keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(len(CLASSES))]
-            models[id(dataset)] = keras.Sequential([keras.Input((*IMAGE_SIZE, 3)), *layers])
-            models[id(dataset)].compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            model = models[id(dataset)] = keras.Sequential([keras.Input((*IMAGE_SIZE, 3)), *layers])
+            model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         start = time.perf_counter()
-        models[id(dataset)].fit(dataset, epochs=epochs, verbose=0)
+        model.fit(dataset, epochs=epochs, verbose=0)
         elapsed = time.perf_counter() - start
         gc.collect()
         return epochs * images / elapsed
