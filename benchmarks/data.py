@@ -43,13 +43,17 @@ def variant(photo: Image.Image, rng: np.random.Generator, size: tuple[int, int] 
     return ImageEnhance.Brightness(image).enhance(float(rng.uniform(0.8, 1.2)))
 
 
-def make_images(folder: Path, count: int, formats: tuple[str, ...] = ("jpg",), seed: int = 0) -> Path:
-    """Write ``count`` images into imbalanced class folders under ``folder``; returns ``folder``."""
+def make_images(folder: Path, count: int, formats: tuple[str, ...] = ("jpg",), seed: int = 0, first: int = 0) -> Path:
+    """Write ``count`` images into imbalanced class folders under ``folder``; returns ``folder``.
+
+    Files are numbered from ``first``: calls with distinct seeds and disjoint numbers can fill one folder in
+    parallel.
+    """
     rng = np.random.default_rng(seed)
     photos = photographs()
     names = list(CLASSES)
     labels = rng.choice(len(names), size=count, p=list(CLASSES.values()))
-    for i, label in enumerate(labels):
+    for i, label in enumerate(labels, start=first):
         ext = formats[i % len(formats)]
         path = folder / names[label] / f"{i}_{1543412160000 + i}.{ext}"
         path.parent.mkdir(parents=True, exist_ok=True)
