@@ -121,25 +121,39 @@ def _pil_decode(data: bytes, channels: int) -> np.ndarray:
     return pixels if channels == 3 else pixels[..., None]
 
 
-def decode(
+def common_size(
+    widths: np.ndarray, heights: np.ndarray, scales: np.ndarray, roi: tuple[int, int, int, int] | None
+) -> tuple[int, int] | None:
+    """The ``(height, width)`` every row decodes and crops to (JPEGs at their DCT scale), when all agree.
+
+    Images of one size can be stacked as decoded and resized as a batch: one resize call instead of one an
+    image, and a uint8 stack instead of a float32 one.
+    """
+    if len(widths) == 0:
+        return None
+    h, w = _source_sizes(widths, heights, roi)
+    ratios = np.asarray(RATIOS)[scales]
+    h, w = -(-h // ratios), -(-w // ratios)  # libjpeg rounds scaled sizes up; a crop's corners are on the grid
+    if (h != h[0]).any() or (w != w[0]).any():
+        return None
+    return int(h[0]), int(w[0])
+
+
+def decode_pixels(
     data: tf.Tensor,
     how: tf.Tensor,
     scale: tf.Tensor,
     channels: int,
-    image_size: tuple[int, int] | None,
-    keep_aspect_ratio: bool,
     roi: tuple[int, int, int, int] | None,
     uniform: tuple[int, bool] | None = None,
 ) -> tf.Tensor:
-    """Decode, crop and resize one image in the graph; float32 ``[H, W, C]`` in 0..255.
+    """Decode and crop one image in the graph: uint8 ``[H, W, C]``, a JPEG at its reduced DCT scale.
 
-    Resizing is bilinear (antialiased when shrinking more than 2x); ``keep_aspect_ratio`` scales to fit and
-    pads with zeros (centred), so no pixel of the object is cut away. ``uniform`` (the JPEG scale index and
-    whether resizing shrinks more than 2x, when every image is a JPEG of one size) builds a graph without
-    branches: cheaper per image, and quicker to start an epoch.
+    ``uniform`` (the JPEG scale index and whether resizing shrinks more than 2x, when every image is a JPEG
+    decoding at one scale) builds a graph without branches: cheaper per image, and quicker to start an epoch.
     """
     if uniform is not None:
-        ratio, shrinks = uniform
+        ratio = uniform[0]
         image = tf.io.decode_jpeg(data, channels=channels, ratio=RATIOS[ratio])
         scale = tf.constant(ratio, tf.int32)
     else:
@@ -151,23 +165,51 @@ def decode(
     if roi is not None:
         y, x, h, w = (tf.bitwise.right_shift(tf.constant(v, tf.int32), scale) for v in roi)
         image = image[y : y + h, x : x + w]
-    # TensorFlow's bilinear resize runs a third faster on float32 than on uint8 (0.23 ms with the cast vs 0.36
-    # for 320x240 -> 224x224), and the results are the same.
-    image = tf.cast(image, tf.float32)
+    return image
+
+
+def resize(images: tf.Tensor, image_size: tuple[int, int], keep_aspect_ratio: bool, antialias: bool) -> tf.Tensor:
+    """Resize float32 ``[H, W, C]`` or ``[B, H, W, C]`` pixels bilinearly to ``image_size``.
+
+    ``keep_aspect_ratio`` scales to fit and pads with zeros (centred), so no pixel of the object is cut away.
+    Antialiasing costs more than the decode; it matters only when shrinking by more than 2x (a reduced-scale
+    JPEG never is: its DCT scaling already averaged the pixels away).
+    """
+    if keep_aspect_ratio:
+        return tf.image.resize_with_pad(images, image_size[0], image_size[1], antialias=antialias)
+    return tf.image.resize(images, image_size, antialias=antialias)
+
+
+def shrinks(size: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    """Whether resizing ``size`` to ``image_size`` shrinks either side by more than 2x (and so antialiases)."""
+    return size[0] > 2 * image_size[0] or size[1] > 2 * image_size[1]
+
+
+def decode(
+    data: tf.Tensor,
+    how: tf.Tensor,
+    scale: tf.Tensor,
+    channels: int,
+    image_size: tuple[int, int] | None,
+    keep_aspect_ratio: bool,
+    roi: tuple[int, int, int, int] | None,
+    uniform: tuple[int, bool] | None = None,
+) -> tf.Tensor:
+    """Decode, crop and resize one image in the graph (:func:`decode_pixels`, :func:`resize`); float32
+    ``[H, W, C]`` in 0..255."""
+    # TensorFlow's bilinear resize of one image runs a third faster on float32 than on uint8 (0.23 ms with the
+    # cast vs 0.36 for 320x240 -> 224x224), and the results are the same.
+    image = tf.cast(decode_pixels(data, how, scale, channels, roi, uniform), tf.float32)
     if image_size is None:
         return image
-    # Antialiasing costs more than the decode; it matters only when shrinking by more than 2x (a reduced-scale
-    # JPEG never is: its DCT scaling already averaged the pixels away).
-
-    def resized(antialias: bool) -> tf.Tensor:
-        if keep_aspect_ratio:
-            return tf.image.resize_with_pad(image, image_size[0], image_size[1], antialias=antialias)
-        return tf.image.resize(image, image_size, antialias=antialias)
-
     if uniform is not None:
-        return resized(shrinks)
+        return resize(image, image_size, keep_aspect_ratio, uniform[1])
     shrinking = tf.reduce_any(tf.shape(image)[:2] > 2 * tf.constant(image_size, tf.int32))
-    return tf.cond(shrinking, lambda: resized(True), lambda: resized(False))
+    return tf.cond(
+        shrinking,
+        lambda: resize(image, image_size, keep_aspect_ratio, True),
+        lambda: resize(image, image_size, keep_aspect_ratio, False),
+    )
 
 
 def _jpeg(data: tf.Tensor, scale: tf.Tensor, channels: int) -> tf.Tensor:

@@ -19,7 +19,17 @@ from fsspec.implementations.local import LocalFileSystem
 from loader import manifest as m
 from loader import sampling
 from loader.augment import Augment
-from loader.images import Reader, decode, jpeg_scales, read_checked, uniform_jpeg
+from loader.images import (
+    Reader,
+    common_size,
+    decode,
+    decode_pixels,
+    jpeg_scales,
+    read_checked,
+    resize,
+    shrinks,
+    uniform_jpeg,
+)
 from loader.source import Elements
 from loader.stages import host_map
 from strata.errors import ConfigError, ManifestError
@@ -162,21 +172,38 @@ def from_manifest(
     on_cpu = augment is not None and device is None  # augment in the decoding function, one XLA call an image
     spent = {"data", "path", "size", "how", "scale"} | ({"params", "noise_seed"} if on_cpu else set())
 
+    stacked = common_size(widths, heights, scales, roi) if not on_cpu else None
+
     def decoded(e: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Read and decode a batch's images one after another in one call (about a tenth less CPU per image
-        than a map per image, which hands every image between tf.data's threads); on a CPU, augment each
-        image right after decoding it, while its pixels are still in cache (a sixth faster than one XLA call
-        over the whole batch, which reads and writes 19 MB of memory)."""
+        than a map per image, which hands every image between tf.data's threads).
+
+        Images that all decode to one size are stacked as decoded (uint8) and resized as a batch: one resize
+        call, and a stack a quarter the size of a float32 one (about 5% less CPU per image on the benchmark's
+        JPEGs, the same pixels). On a CPU, each image is augmented right after decoding instead, while its
+        pixels are still in cache (a sixth faster than one XLA call over the whole batch, which reads and
+        writes 19 MB of memory)."""
         count = tf.shape(e["label"])[0]
+
+        def read(i: tf.Tensor) -> tf.Tensor:
+            return e["data"][i] if paths is None else read_checked(e["path"][i], e["size"][i])
+
+        rest = {k: v for k, v in e.items() if k not in spent}
+        if stacked is not None:
+            raw = tf.TensorArray(tf.uint8, size=count, element_shape=[*stacked, channels])
+            for i in tf.range(count):
+                raw = raw.write(i, decode_pixels(read(i), e["how"][i], e["scale"][i], channels, roi, uniform))
+            images = tf.cast(raw.stack(), tf.float32)
+            if image_size is not None:
+                images = resize(images, image_size, keep_aspect_ratio, shrinks(stacked, image_size))
+            return {"image": images, **rest}
         images = tf.TensorArray(tf.float32, size=count, element_shape=[*shape, channels])
         for i in tf.range(count):
-            data = e["data"][i] if paths is None else read_checked(e["path"][i], e["size"][i])
-            image = decode(data, e["how"][i], e["scale"][i], channels, image_size, keep_aspect_ratio, roi, uniform)
+            image = decode(read(i), e["how"][i], e["scale"][i], channels, image_size, keep_aspect_ratio, roi, uniform)
             if on_cpu:
                 image = augment.apply(image[None], e["params"][i][None], e["noise_seed"][i][None])[0]
             images = images.write(i, image)
-        images = images.stack()
-        return {"image": images, **{k: v for k, v in e.items() if k not in spent}}
+        return {"image": images.stack(), **rest}
 
     size = balanced[0] * balanced[1] if balanced else batch_size
     dataset = elements.dataset()

@@ -399,6 +399,35 @@ def test_uniform_jpegs_decode_like_the_general_graph(size, roi, pad) -> None:
     assert uniform_jpeg(formats, np.array([1, 2]), widths, heights, size, roi) is None
 
 
+@pytest.mark.parametrize(
+    ("fmt", "size", "roi", "pad"),
+    [
+        ("jpg", (224, 224), None, False),
+        ("jpg", (100, 120), (48, 64, 320, 400), True),
+        ("jpg", (40, 40), (1, 0, 400, 400), False),
+        ("png", (224, 224), None, False),
+        ("bmp", (60, 100), (8, 16, 300, 400), True),
+    ],
+)
+def test_same_size_images_resized_as_a_batch_equal_each_resized_alone(tmp_path: Path, fmt, size, roi, pad) -> None:
+    """Images of one size are stacked and resized per batch; the pixels equal the per-image graph's."""
+    vial = Image.open(VIAL).convert("RGB").resize((640, 480))
+    shots = [vial, vial.transpose(Image.Transpose.FLIP_LEFT_RIGHT), vial.rotate(180)]
+    blobs = [encode(shot, fmt, **({"quality": 90} if fmt == "jpg" else {})) for shot in shots]
+    root = publish(str(tmp_path), [(f"a/{i}.{fmt}", blob, "train") for i, blob in enumerate(blobs)])
+    dataset = loader.from_manifest(
+        root, batch_size=3, image_size=size, roi=roi, keep_aspect_ratio=pad, stratify_by=None, shuffle=False
+    )
+    batch = next(iter(dataset))[0].numpy()  # in key order
+    widths, heights = np.array([640]), np.array([480])
+    formats = np.array(["jpeg" if fmt == "jpg" else fmt])
+    scales = np.where(formats == "jpeg", jpeg_scales(widths, heights, size, roi, pad), 0).astype(np.int32)
+    how = JPEG if fmt == "jpg" else 1
+    alone = [decode(tf.constant(b), tf.constant(how), tf.constant(scales[0]), 3, size, pad, roi).numpy() for b in blobs]
+    assert batch.shape == (3, *size, 3)
+    np.testing.assert_array_equal(batch, np.stack(alone))
+
+
 def test_roi_resize_pad_rescale_and_labels(tmp_path: Path) -> None:
     pixels = np.arange(40 * 60, dtype=np.uint32).reshape(40, 60) % 251
     data = encode(Image.fromarray(pixels.astype(np.uint8), "L"), "png")
