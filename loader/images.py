@@ -169,7 +169,7 @@ def decode_pixels(
 
 
 def resize(images: tf.Tensor, image_size: tuple[int, int], keep_aspect_ratio: bool, antialias: bool) -> tf.Tensor:
-    """Resize float32 ``[H, W, C]`` or ``[B, H, W, C]`` pixels bilinearly to ``image_size``.
+    """Resize ``[H, W, C]`` or ``[B, H, W, C]`` pixels (uint8 or float32) bilinearly to ``image_size``: float32.
 
     ``keep_aspect_ratio`` scales to fit and pads with zeros (centred), so no pixel of the object is cut away.
     Antialiasing costs more than the decode; it matters only when shrinking by more than 2x (a reduced-scale

@@ -172,7 +172,12 @@ def from_manifest(
     on_cpu = augment is not None and device is None  # augment in the decoding function, one XLA call an image
     spent = {"data", "path", "size", "how", "scale"} | ({"params", "noise_seed"} if on_cpu else set())
 
+    # Images of one size are stacked as decoded and resized per batch, unless the uint8 stack would outweigh
+    # the float32 batch it becomes (large images without a DCT scale): those are resized one by one, holding
+    # less memory.
     stacked = common_size(widths, heights, scales, roi) if not on_cpu else None
+    if stacked is not None and image_size is not None and stacked[0] * stacked[1] > 4 * image_size[0] * image_size[1]:
+        stacked = None
 
     def decoded(e: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Read and decode a batch's images one after another in one call (about a tenth less CPU per image
@@ -193,10 +198,10 @@ def from_manifest(
             raw = tf.TensorArray(tf.uint8, size=count, element_shape=[*stacked, channels])
             for i in tf.range(count):
                 raw = raw.write(i, decode_pixels(read(i), e["how"][i], e["scale"][i], channels, roi, uniform))
-            images = tf.cast(raw.stack(), tf.float32)
-            if image_size is not None:
-                images = resize(images, image_size, keep_aspect_ratio, shrinks(stacked, image_size))
-            return {"image": images, **rest}
+            images = raw.stack()  # resized as uint8: the same pixels as a float32 copy gives, without the copy
+            if image_size is None:
+                return {"image": tf.cast(images, tf.float32), **rest}
+            return {"image": resize(images, image_size, keep_aspect_ratio, shrinks(stacked, image_size)), **rest}
         images = tf.TensorArray(tf.float32, size=count, element_shape=[*shape, channels])
         for i in tf.range(count):
             image = decode(read(i), e["how"][i], e["scale"][i], channels, image_size, keep_aspect_ratio, roi, uniform)

@@ -404,9 +404,10 @@ def test_uniform_jpegs_decode_like_the_general_graph(size, roi, pad) -> None:
     [
         ("jpg", (224, 224), None, False),
         ("jpg", (100, 120), (48, 64, 320, 400), True),
-        ("jpg", (40, 40), (1, 0, 400, 400), False),
-        ("png", (224, 224), None, False),
-        ("bmp", (60, 100), (8, 16, 300, 400), True),
+        ("jpg", (190, 220), (1, 0, 400, 400), False),  # off the DCT grid: full scale, antialiased
+        ("png", (200, 400), None, False),  # antialiased: 480 rows to 200
+        ("bmp", (140, 220), (8, 16, 300, 400), True),
+        ("png", (40, 40), None, False),  # the stack would outweigh the batch: resized one by one
     ],
 )
 def test_same_size_images_resized_as_a_batch_equal_each_resized_alone(tmp_path: Path, fmt, size, roi, pad) -> None:
