@@ -43,7 +43,8 @@ def train(manifests: str, epochs: int) -> dict[str, float]:
         ]
     )
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(train, validation_data=devel, epochs=epochs, verbose=2)
+    # shuffle=False: the loader already shuffles, seeded (Keras would ignore True for a dataset, with a warning)
+    model.fit(train, validation_data=devel, epochs=epochs, verbose=2, shuffle=False)
     return model.evaluate(devel, return_dict=True, verbose=0)
 
 
