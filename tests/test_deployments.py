@@ -21,6 +21,8 @@ from typing import Any, Callable
 import pytest
 import requests
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -178,13 +180,30 @@ def test_deployed_runs_publish_new_data_and_skip_unchanged(worker: None, tmp_pat
     assert any("acquired" in line for line in run_logs(third.id)), run_logs(third.id)
 
 
+def _logs(flow_run_id: Any) -> list[tuple[Any, str]]:
+    """A flow run's log records so far, as (timestamp, message), oldest first."""
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return sorted((log.timestamp, log.message) for log in logs)
+
+
 def test_two_runs_of_one_dataset_take_turns(worker: None, tmp_path: Path) -> None:
+    """Two runs of one dataset, both queued on its concurrency slot: the second takes the slot only after
+    the first has committed, and plans on top of that commit."""
     small, large = _source(tmp_path, "small", range(6)), _source(tmp_path, "large", range(9))
     root = tmp_path / "manifests"
-    ids = [
-        run_deployment(DEPLOYMENT, parameters={"source": str(s), "manifest_root": str(root)}, timeout=0).id
-        for s in (small, large)
-    ]
+
+    def queued(run_id: Any) -> bool:
+        return any("waiting for concurrency limit" in message for _, message in _logs(run_id))
+
+    # The test holds the slot until both runs wait for it: whether the worker starts them together or one
+    # after the other, they overlap, and the limit alone decides who goes first.
+    with concurrency(limit_name("vials"), occupy=1, strict=True):
+        ids = [
+            run_deployment(DEPLOYMENT, parameters={"source": str(s), "manifest_root": str(root)}, timeout=0).id
+            for s in (small, large)
+        ]
+        _wait_until(lambda: all(queued(i) for i in ids), "both flow runs to queue for the dataset's slot", 300)
     with get_client(sync_client=True) as client:
 
         def finished() -> bool:
@@ -198,12 +217,15 @@ def test_two_runs_of_one_dataset_take_turns(worker: None, tmp_path: Path) -> Non
     assert {str(c["flow_run_id"]) for c in versions} == {str(i) for i in ids}  # one version each
     by_run = {str(c["flow_run_id"]): c for c in versions}
     assert {by_run[str(ids[0])]["rows"], by_run[str(ids[1])]["rows"]} == {12, 18}
-    logs = {str(i): run_logs(i) for i in ids}
-    assert not any("re-planning" in line for lines in logs.values() for line in lines)  # no commit race
-    waited = [
-        float(line.split("after ")[1].split(" s")[0]) for lines in logs.values() for line in lines if "acquired" in line
-    ]
-    assert len(waited) == 2 and max(waited) > 1  # the second run waited for the first
+    for run_id in ids:
+        run_logs(run_id)  # wait until every log line has arrived
+    logs = {run_id: _logs(run_id) for run_id in ids}
+    assert not any("re-planning" in message for lines in logs.values() for _, message in lines)  # no commit race
+    acquired = sorted((at, run_id) for run_id, lines in logs.items() for at, message in lines if "acquired" in message)
+    assert len(acquired) == 2, logs
+    (_, first), (second_acquired, _) = acquired
+    committed = [at for at, message in logs[first] if "publish: committed version" in message]
+    assert committed and committed[0] < second_acquired, logs  # the second waited for the first's commit
 
 
 def test_strata_serve_runs_the_same_deployments(server: dict[str, str], tmp_path: Path) -> None:
