@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import fsspec
 import numpy as np
@@ -88,10 +88,10 @@ def uniform_jpeg(
     ratio = RATIOS[int(scales[0])]
     h, w = _source_sizes(widths, heights, roi)
     h, w = -(-h // ratio), -(-w // ratio)  # libjpeg rounds scaled sizes up
-    shrinks = np.zeros(len(h), dtype=bool) if target is None else (h > 2 * target[0]) | (w > 2 * target[1])
-    if (shrinks != shrinks[0]).any():
+    shrinking = np.zeros(len(h), dtype=bool) if target is None else shrinks((h, w), target)
+    if (shrinking != shrinking[0]).any():
         return None
-    return int(scales[0]), bool(shrinks[0])
+    return int(scales[0]), bool(shrinking[0])
 
 
 def route(fmt: str, data: bytes) -> int:
@@ -180,9 +180,10 @@ def resize(images: tf.Tensor, image_size: tuple[int, int], keep_aspect_ratio: bo
     return tf.image.resize(images, image_size, antialias=antialias)
 
 
-def shrinks(size: tuple[int, int], image_size: tuple[int, int]) -> bool:
-    """Whether resizing ``size`` to ``image_size`` shrinks either side by more than 2x (and so antialiases)."""
-    return size[0] > 2 * image_size[0] or size[1] > 2 * image_size[1]
+def shrinks(size: tuple[Any, Any], image_size: tuple[int, int]) -> Any:
+    """Whether resizing ``size`` (heights, widths: ints or arrays) to ``image_size`` shrinks either side by more
+    than 2x, and so antialiases."""
+    return (size[0] > 2 * image_size[0]) | (size[1] > 2 * image_size[1])
 
 
 def decode(

@@ -95,18 +95,23 @@ def run_artifacts(flow_run_id: Any) -> dict[str, Any]:
     return {a.key: a for a in found}
 
 
+def log_records(flow_run_id: Any) -> list[tuple[Any, str]]:
+    """A flow run's log records that have reached the API so far, as (timestamp, message), oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    return sorted((log.timestamp, log.message) for log in logs)
+
+
 def run_logs(flow_run_id: Any, timeout: float = 60) -> list[str]:
     """A flow run's log messages, once its last one ("Finished in state ...") has reached the API."""
     import time
 
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
     deadline = time.monotonic() + timeout
     while True:
-        with get_client(sync_client=True) as client:
-            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-        messages = [log.message for log in logs]
+        messages = [message for _, message in log_records(flow_run_id)]
         if any(line.startswith("Finished in state") for line in messages):
             return messages
         assert time.monotonic() < deadline, f"the logs of flow run {flow_run_id} did not arrive in {timeout:.0f} s"

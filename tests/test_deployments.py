@@ -21,7 +21,6 @@ from typing import Any, Callable
 import pytest
 import requests
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -32,7 +31,7 @@ from flows.runners import chunk_size
 from loader import manifest as m
 from strata.config import CurateOptions
 from strata.deployments import limit_name
-from tests.conftest import _free_port, encode, picture, run_artifacts, run_logs
+from tests.conftest import _free_port, encode, log_records, picture, run_artifacts, run_logs
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -180,13 +179,6 @@ def test_deployed_runs_publish_new_data_and_skip_unchanged(worker: None, tmp_pat
     assert any("acquired" in line for line in run_logs(third.id)), run_logs(third.id)
 
 
-def _logs(flow_run_id: Any) -> list[tuple[Any, str]]:
-    """A flow run's log records so far, as (timestamp, message), oldest first."""
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
-    return sorted((log.timestamp, log.message) for log in logs)
-
-
 def test_two_runs_of_one_dataset_take_turns(worker: None, tmp_path: Path) -> None:
     """Two runs of one dataset, both queued on its concurrency slot: the second takes the slot only after
     the first has committed, and plans on top of that commit."""
@@ -194,7 +186,7 @@ def test_two_runs_of_one_dataset_take_turns(worker: None, tmp_path: Path) -> Non
     root = tmp_path / "manifests"
 
     def queued(run_id: Any) -> bool:
-        return any("waiting for concurrency limit" in message for _, message in _logs(run_id))
+        return any("waiting for concurrency limit" in message for _, message in log_records(run_id))
 
     # The test holds the slot until both runs wait for it: whether the worker starts them together or one
     # after the other, they overlap, and the limit alone decides who goes first.
@@ -219,7 +211,7 @@ def test_two_runs_of_one_dataset_take_turns(worker: None, tmp_path: Path) -> Non
     assert {by_run[str(ids[0])]["rows"], by_run[str(ids[1])]["rows"]} == {12, 18}
     for run_id in ids:
         run_logs(run_id)  # wait until every log line has arrived
-    logs = {run_id: _logs(run_id) for run_id in ids}
+    logs = {run_id: log_records(run_id) for run_id in ids}
     assert not any("re-planning" in message for lines in logs.values() for _, message in lines)  # no commit race
     acquired = sorted((at, run_id) for run_id, lines in logs.items() for at, message in lines if "acquired" in message)
     assert len(acquired) == 2, logs

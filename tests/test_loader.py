@@ -22,7 +22,7 @@ from PIL import Image
 import loader
 from loader import manifest as m
 from loader.augment import sample_keys
-from loader.images import JPEG, decode, jpeg_scales, uniform_jpeg
+from loader.images import JPEG, NATIVE, decode, jpeg_scales, uniform_jpeg
 from loader.pipeline import _augmented
 from loader.sampling import group_probabilities
 from loader.stages import host_map
@@ -423,7 +423,7 @@ def test_same_size_images_resized_as_a_batch_equal_each_resized_alone(tmp_path: 
     widths, heights = np.array([640]), np.array([480])
     formats = np.array(["jpeg" if fmt == "jpg" else fmt])
     scales = np.where(formats == "jpeg", jpeg_scales(widths, heights, size, roi, pad), 0).astype(np.int32)
-    how = JPEG if fmt == "jpg" else 1
+    how = JPEG if fmt == "jpg" else NATIVE
     alone = [decode(tf.constant(b), tf.constant(how), tf.constant(scales[0]), 3, size, pad, roi).numpy() for b in blobs]
     assert batch.shape == (3, *size, 3)
     np.testing.assert_array_equal(batch, np.stack(alone))
