@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from importlib import resources
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from strata.config import DEFAULT_MANIFEST_ROOT, STRATIFY_COLUMNS
 from strata.deployments import DEFAULT_PREFECT_FILE
@@ -132,13 +133,29 @@ def _print_counts(counts: dict[str, dict[str, int]]) -> None:
         print("  " + line)
 
 
-def _curate(source: str, dataset: str, manifests: str, args: argparse.Namespace) -> int:
-    if args.quiet:
-        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
-    options = _options(args)
-    from flows.curate import curate_dataset
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for a block, and put back what was there after it."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
-    summary = curate_dataset(source=source, dataset=dataset, manifest_root=manifests, options=options)
+
+def _curate(source: str, dataset: str, manifests: str, args: argparse.Namespace) -> int:
+    options = _options(args)
+    # --quiet holds for this run only (Prefect reads the level when it is first imported, and processes started
+    # during the run inherit it); leaking it would silence every later flow run and server of the process.
+    with _environment({"PREFECT_LOGGING_LEVEL": "WARNING"} if args.quiet else {}):
+        from flows.curate import curate_dataset
+
+        summary = curate_dataset(source=source, dataset=dataset, manifest_root=manifests, options=options)
     print(f"\n{summary.dataset}: {summary.message}")
     if summary.version_uri:
         print(f"manifest: {summary.version_uri}/manifest.parquet")

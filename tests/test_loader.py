@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -581,6 +582,8 @@ def test_example_curates_the_demo_and_trains_one_epoch(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("train_vials", REPO / "examples" / "train_vials.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    level = os.environ.get("PREFECT_LOGGING_LEVEL")
     assert main(["demo", "--manifests", str(tmp_path), "--quiet"]) == 0
+    assert os.environ.get("PREFECT_LOGGING_LEVEL") == level  # --quiet does not outlive its run
     metrics = example.train(str(tmp_path), epochs=1)
     assert set(metrics) >= {"loss", "accuracy"} and np.isfinite(metrics["loss"])
