@@ -22,6 +22,7 @@ from PIL import Image
 
 import loader
 from loader import manifest as m
+from loader import source
 from loader.augment import sample_keys
 from loader.images import JPEG, NATIVE, decode, jpeg_scales, uniform_jpeg
 from loader.pipeline import _augmented
@@ -498,6 +499,18 @@ def test_missing_or_changed_images_raise_naming_the_path_or_are_skipped(tmp_path
     assert ds.skipped.count == 2 and any(p.endswith("a/2.png") for p in ds.skipped.paths)
     balanced = loader.from_manifest(root, balanced=(2, 3), on_error="skip", repeat=2, **GRAY)
     assert all(x.shape[0] == 6 and 2 not in ids(x) and 8 not in ids(x) for x, _ in balanced)
+
+
+def test_a_chunk_whose_every_image_is_skipped_does_not_end_the_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(source, "_CHUNK", 4)  # the source hands rows on in chunks of 4
+    root = publish(str(tmp_path), sized_classes({"a": 12}))
+    for value in range(4):  # the whole first chunk
+        (tmp_path / "images" / "a" / f"{value}.png").unlink()
+    ds = loader.from_manifest(root, stratify_by=None, shuffle=False, on_error="skip", batch_size=3, **GRAY)
+    assert [v for x, _ in ds for v in ids(x)] == list(range(4, 12))
+    assert ds.skipped.count == 4
 
 
 def test_arguments_are_checked_with_clear_messages(classes: str) -> None:
