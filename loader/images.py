@@ -46,6 +46,16 @@ def _source_sizes(
     return (np.full(len(widths), roi[2]), np.full(len(widths), roi[3])) if roi else (heights, widths)
 
 
+def _decoded_sizes(
+    widths: np.ndarray, heights: np.ndarray, scales: np.ndarray, roi: tuple[int, int, int, int] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the (height, width) it decodes and crops to: a JPEG's at its DCT scale (libjpeg rounds scaled
+    sizes up; a crop's corners are on the scaled grid)."""
+    h, w = _source_sizes(widths, heights, roi)
+    ratios = np.asarray(RATIOS)[scales]
+    return -(-h // ratios), -(-w // ratios)
+
+
 def jpeg_scales(
     widths: np.ndarray,
     heights: np.ndarray,
@@ -85,9 +95,7 @@ def uniform_jpeg(
     """``(scale index, shrinks more than 2x)`` shared by every row when all are JPEGs decoding alike, else None."""
     if len(formats) == 0 or not (formats == "jpeg").all() or (scales != scales[0]).any():
         return None
-    ratio = RATIOS[int(scales[0])]
-    h, w = _source_sizes(widths, heights, roi)
-    h, w = -(-h // ratio), -(-w // ratio)  # libjpeg rounds scaled sizes up
+    h, w = _decoded_sizes(widths, heights, scales, roi)
     shrinking = np.zeros(len(h), dtype=bool) if target is None else shrinks((h, w), target)
     if (shrinking != shrinking[0]).any():
         return None
@@ -131,9 +139,7 @@ def common_size(
     """
     if len(widths) == 0:
         return None
-    h, w = _source_sizes(widths, heights, roi)
-    ratios = np.asarray(RATIOS)[scales]
-    h, w = -(-h // ratios), -(-w // ratios)  # libjpeg rounds scaled sizes up; a crop's corners are on the grid
+    h, w = _decoded_sizes(widths, heights, scales, roi)
     if (h != h[0]).any() or (w != w[0]).any():
         return None
     return int(h[0]), int(w[0])
@@ -205,7 +211,8 @@ def decode(
         return image
     if uniform is not None:
         return resize(image, image_size, keep_aspect_ratio, uniform[1])
-    shrinking = tf.reduce_any(tf.shape(image)[:2] > 2 * tf.constant(image_size, tf.int32))
+    height, width = tf.unstack(tf.shape(image)[:2])
+    shrinking = shrinks((height, width), image_size)
     return tf.cond(
         shrinking,
         lambda: resize(image, image_size, keep_aspect_ratio, True),
