@@ -242,51 +242,6 @@ def incremental_row(folder: Path, files: int) -> dict:
     }
 
 
-# --- near duplicates -------------------------------------------------------------------------------------
-
-
-def _exhaustive(hashes: np.ndarray, threshold: int) -> set[tuple[int, int]]:
-    pairs = set()
-    table = np.unpackbits(hashes.view(np.uint8).reshape(-1, 8), axis=1).astype(np.uint8)
-    for start in range(0, len(hashes), 1000):
-        block = table[start : start + 1000]
-        distance = (block[:, None, :] != table[None, :, :]).sum(axis=2)
-        left, right = np.nonzero(distance <= threshold)
-        left = left + start
-        keep = left < right
-        pairs.update(zip(left[keep].tolist(), right[keep].tolist(), strict=True))
-    return pairs
-
-
-def near_duplicates_row(count: int, subset: int) -> dict:
-    from tasks.duplicates import near_pairs
-
-    rng = np.random.default_rng(0)
-    hashes = rng.integers(0, 2**63, size=count, dtype=np.int64).astype(np.uint64)
-    near = rng.choice(subset, size=subset // 50, replace=False)  # plant near copies (flip 1-4 bits) in the subset
-    flips = [
-        np.bitwise_or.reduce(np.uint64(1) << rng.choice(64, size=k, replace=False).astype(np.uint64))
-        for k in rng.integers(1, 5, size=len(near))
-    ]
-    hashes[near[len(near) // 2 :]] = hashes[near[: len(near) - len(near) // 2]] ^ np.array(
-        flips[len(near) // 2 :], dtype=np.uint64
-    )
-    ours, _ = _timed(near_pairs, hashes, 4)
-    sub = hashes[:subset]
-    exhaustive_time, expected = _timed(_exhaustive, sub, 4)
-    left, right = near_pairs(sub, 4)
-    found = {(min(a, b), max(a, b)) for a, b in zip(left.tolist(), right.tolist(), strict=True)}
-    assert found == expected, f"near_pairs differs from the exhaustive search: {len(found)} vs {len(expected)} pairs"
-    scaled = exhaustive_time * (count / subset) ** 2
-    return {
-        "ours": ours,
-        "baseline": scaled,
-        "unit": "s",
-        "note": f"{count:,} phashes; exhaustive over {subset:,} ({exhaustive_time:.2f} s) scaled by "
-        f"({count:,}/{subset:,})^2; identical pairs on the subset ({len(expected)})",
-    }
-
-
 # --- memory ----------------------------------------------------------------------------------------------
 
 
@@ -296,7 +251,7 @@ def split_validate_publish(rows: int) -> tuple[int, bool]:
 
     import fsspec
 
-    from tasks.diff import manifest_diff
+    from tasks.diff import manifest_diff, summarize_changes
     from tasks.expectations import validate_manifest
     from tasks.publish import Candidate, Store, claim_version, commit_record, serialize, sha256, write_version
 
@@ -315,12 +270,12 @@ def split_validate_publish(rows: int) -> tuple[int, bool]:
             m.FIRST_VERSION: pd.NA,
         }
     )
-    diff = {"added": len(full), "removed": 0, "changed": 0}
     changes = manifest_diff(None, full)  # as the flow plans it
+    diff = summarize_changes(changes, 0)
     candidate = Candidate(manifest=full, rejects=m.empty_frame(m.REJECTS_SCHEMA), diff=diff, changes=changes)
-    manifest, data, rejects = serialize(candidate, 1)
+    files = serialize(candidate, 1)
     validation = validate_manifest(
-        m.to_table(manifest).to_pandas(),
+        m.to_table(files.manifest).to_pandas(),
         fractions={"train": 0.8, "devel": 0.2},
         stratify=[m.CATEGORY],
         expected_rows=len(full),
@@ -334,15 +289,18 @@ def split_validate_publish(rows: int) -> tuple[int, bool]:
             parent_version=None,
             source="s3://bucket",
             parameters={},
-            manifest=manifest,
+            manifest=files.manifest,
             rejects=candidate.rejects,
             diff=diff,
-            manifest_sha256=sha256(data),
-            rejects_sha256=sha256(rejects),
+            manifest_sha256=sha256(files.manifest_bytes),
+            rejects_sha256=sha256(files.rejects_bytes),
+            assignments_sha256=sha256(files.assignments_bytes),
+            assignments_rows=files.assignments_rows,
             validation=validation,
             flow_run_id=None,
         )
-        write_version(store, version, None, data, rejects, validation, record)
+        extra = {m.ASSIGNMENTS_FILE: files.assignments_bytes}
+        write_version(store, version, None, files.manifest_bytes, files.rejects_bytes, validation, record, extra)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, bool(validation["success"])
 
 

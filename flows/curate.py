@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from prefect import flow, get_client, get_run_logger
 from prefect.concurrency.sync import concurrency
@@ -20,11 +21,21 @@ from strata.config import DEFAULT_MANIFEST_ROOT, CurateOptions
 from strata.deployments import limit_name
 from strata.errors import CommitConflict, ValidationFailed
 from strata.storage import open_url
-from tasks.diff import Parent, diff_task, isin, load_parent_task, manifest_diff, purpose_moved
+from tasks.diff import (
+    LISTED,
+    Parent,
+    Plan,
+    diff_task,
+    isin,
+    load_parent_task,
+    manifest_diff,
+    purpose_changes,
+    summarize_changes,
+)
 from tasks.duplicates import duplicates_task
 from tasks.expectations import validate_task
-from tasks.inspect import inspect_task
-from tasks.listing import list_task
+from tasks.inspect import INSPECT_COLUMNS, inspect_objects, inspect_task
+from tasks.listing import LISTING_COLUMNS, list_task
 from tasks.publish import Candidate, Store, publish_task, reject_task
 from tasks.report import CurateSummary, grid_task, report_task
 from tasks.split import split_task, unique_ids
@@ -35,8 +46,8 @@ COMMIT_ATTEMPTS = 3
 def _inspect(fs: Any, objects: pd.DataFrame, options: CurateOptions) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Inspect objects in parallel chunks (threads, or Dask with ``options.dask``), logging progress."""
     logger = get_run_logger()
-    if objects.empty:
-        return objects.iloc[0:0], m.empty_frame(m.REJECTS_SCHEMA)
+    if objects.empty:  # still the inspect columns and their dtypes: a frame that lacks them turns phash to float
+        return inspect_objects(objects, read=bytes)
     size = chunk_size(len(objects), options.chunk_size)
     chunks = [objects.iloc[i : i + size] for i in range(0, len(objects), size)]
     accepted, rejects, done = [], [], 0
@@ -56,49 +67,61 @@ def _inspect(fs: Any, objects: pd.DataFrame, options: CurateOptions) -> tuple[pd
 
 
 def _plan_candidate(
-    parent: Parent, plan: Any, inspected: pd.DataFrame, inspect_rejects: pd.DataFrame, options: CurateOptions
+    parent: Parent, plan: Plan, inspected: pd.DataFrame, inspect_rejects: pd.DataFrame, options: CurateOptions
 ) -> Candidate:
-    """Join carried and new rows, group duplicates and split them into the candidate version."""
+    """Join carried and new rows, group them with every content ever assigned, and split what is new."""
     new = inspected.merge(plan.to_inspect[[m.KEY, m.SIZE, m.ETAG]], on=[m.KEY, m.SIZE, m.ETAG])
-    new = new.assign(**{m.DUPLICATE_GROUP: None, m.PURPOSE: None, m.FIRST_VERSION: pd.NA})
-    samples = pd.concat([plan.carried, new], ignore_index=True).sort_values(m.KEY, ignore_index=True)
+    # What the listing and inspect know of a sample; its item, group, purpose and first version come from
+    # the assignments (by content), whatever the carried row said.
+    columns = [*LISTING_COLUMNS, *INSPECT_COLUMNS, LISTED]
+    samples = pd.concat([plan.carried[columns].assign(_new=False), new[columns].assign(_new=True)], ignore_index=True)
+    samples = samples.iloc[np.argsort(samples[LISTED].to_numpy(), kind="stable")].reset_index(drop=True)  # key order
     samples[m.UNIQUE_ID], fallback = unique_ids(samples, options.uniqueness)
     if fallback and options.uniqueness:
         get_run_logger().warning(
             "uniqueness: %d keys do not match %r and count as their own item (md5)", fallback, options.uniqueness
         )
-    rejects = pd.concat([plan.carried_rejects, inspect_rejects.merge(plan.to_inspect[[m.KEY, m.SIZE, m.ETAG]])])
-    held_out = []
-    for _ in range(3):  # rows that would join two purposes are held out, then the groups are recomputed
-        grouped = duplicates_task(samples, options.near_duplicates)
-        result = split_task(grouped, options.split, options.seed, options.stratify)
-        if result.held_out.empty:
-            break
-        held_out.append(result.held_out)
-        samples = samples[~isin(samples[m.KEY], result.held_out[m.KEY])].reset_index(drop=True)
-    if held_out:
-        conflicts = pd.concat(held_out, ignore_index=True)
-        rejects = pd.concat(
-            [
-                rejects,
-                conflicts.assign(
-                    **{
-                        m.REASON: "purpose_conflict",
-                        m.DETAIL: "joins items or duplicates already in different purposes; review and remove one",
-                    }
-                )[list(m.REJECT_COLUMNS)],
-            ]
-        )
-    manifest = result.samples
-    changes = manifest_diff(parent.manifest, manifest)
-    diff = {name: int((changes["change"] == name).sum()) for name in ("added", "removed", "changed")}
-    diff["purpose_changed"] = int(purpose_moved(changes).sum())
-    return Candidate(
-        manifest=manifest.sort_values(m.KEY, ignore_index=True),
-        rejects=rejects.sort_values(m.KEY, ignore_index=True)[list(m.REJECT_COLUMNS)],
-        diff=diff,
-        changes=changes,
+    incremental = parent.version is not None and parent.exact and parent.threshold == options.near_duplicates
+    grouping = duplicates_task(
+        samples.drop(columns=["_new", LISTED]),
+        parent.assignments,
+        options.near_duplicates,
+        incremental,
+        samples["_new"].to_numpy() if incremental else None,
     )
+    split = split_task(
+        grouping.samples, options.split, options.seed, options.stratify, grouping.samples["unit"].to_numpy()
+    )
+    placed = grouping.samples[m.PURPOSE].isna().to_numpy()  # the split's own choices, not sticky ones
+    if len(split.held_out):
+        placed = placed[~isin(grouping.samples[m.KEY], split.held_out[m.KEY])]
+    manifest = split.samples.drop(columns="unit")  # in key order: every stage keeps the order it was given
+    held = pd.concat([grouping.held, split.held_out.assign(detail=HELD_DETAIL)], ignore_index=True)
+    rejects = pd.concat(
+        [
+            plan.carried_rejects,
+            inspect_rejects.merge(plan.to_inspect[[m.KEY, m.SIZE, m.ETAG]]),
+            held.assign(**{m.REASON: "purpose_conflict", m.DETAIL: held["detail"]})[list(m.REJECT_COLUMNS)],
+        ],
+        ignore_index=True,
+    )
+    changes = manifest_diff(parent.manifest, manifest)
+    moved = purpose_changes(manifest, parent.assignments, grouping.known)
+    return Candidate(
+        manifest=manifest,
+        rejects=rejects.sort_values(m.KEY, ignore_index=True)[list(m.REJECT_COLUMNS)],
+        diff=summarize_changes(changes, moved[m.MD5].nunique()),
+        changes=changes,
+        known=parent.assignments,
+        ghost_groups=grouping.ghost_groups,
+        known_rows=grouping.known,
+        cross=grouping.cross,
+        held=held,
+        placed=placed,
+    )
+
+
+HELD_DETAIL = "joins items or duplicates already in different purposes; review and remove one"
 
 
 @flow(name="curate-dataset", log_prints=True)
@@ -153,24 +176,30 @@ def _curate(source: str, dataset: str, manifest_root: str, options: CurateOption
     listing = list_task(source_fs, source_root, source_uri)
     recorded = options.recorded()
 
-    inspected = listing.objects.iloc[0:0]
+    inspected: pd.DataFrame | None = None  # what earlier attempts of this run read (a re-plan reads no more)
     inspect_rejects = m.empty_frame(m.REJECTS_SCHEMA)
     attempt = 0
     while True:
         attempt += 1
         parent = load_parent_task(store_fs, store.dataset_path)
         plan = diff_task(listing.objects, parent)
-        if plan.unchanged and parent.info.get("parameters") == recorded:
+        same_place = parent.info.get("source") == source_uri and parent.info.get("parameters") == recorded
+        if plan.unchanged and parent.exact and same_place:
             return report_task(store, parent, None, None, listing, parameters=recorded, no_change=True)
         # Inspect only what no earlier attempt of this run has read.
-        seen = inspected[[m.KEY, m.SIZE, m.ETAG]].merge(plan.to_inspect, on=[m.KEY, m.SIZE, m.ETAG])
-        fresh = plan.to_inspect[~isin(plan.to_inspect[m.KEY], seen[m.KEY])]
+        if inspected is None:
+            fresh = plan.to_inspect
+        else:
+            seen = inspected[[m.KEY, m.SIZE, m.ETAG]].merge(plan.to_inspect, on=[m.KEY, m.SIZE, m.ETAG])
+            fresh = plan.to_inspect[~isin(plan.to_inspect[m.KEY], seen[m.KEY])]
         good, bad = _inspect(source_fs, fresh, options)
-        inspected = pd.concat([inspected, good], ignore_index=True)
+        # Frames are joined only with frames that hold every column: concatenating with one that lacks the
+        # uint64 phash would turn it into float64 and drop its low bits.
+        inspected = good if inspected is None else pd.concat([inspected, good], ignore_index=True)
         inspect_rejects = pd.concat([inspect_rejects, bad], ignore_index=True)
 
         candidate = _plan_candidate(parent, plan, inspected, inspect_rejects, options)
-        if parent.version is not None and _same_content(candidate, parent):
+        if parent.version is not None and parent.exact and _same_content(candidate, parent):
             return report_task(store, parent, None, candidate, listing, parameters=recorded, no_change=True)
         validation = validate_task(candidate, parent, options)
         if not validation["success"]:
@@ -178,7 +207,7 @@ def _curate(source: str, dataset: str, manifest_root: str, options: CurateOption
             report_task(store, parent, None, candidate, listing, parameters=recorded, validation=validation)
             raise ValidationFailed(
                 f"{store.uri}: the candidate manifest failed validation; nothing was published "
-                f"(result kept at {kept}). {validation['summary']}"
+                f"(result kept at {kept}). {_look_alike_advice(validation, options) or validation['summary']}"
             )
         grid = {m.GRID_FILE: grid_task(source_fs, candidate.manifest)}
         fields = {"dataset": dataset, "source": source_uri, "parameters": recorded, "flow_run_id": flow_run.id}
@@ -192,6 +221,23 @@ def _curate(source: str, dataset: str, manifest_root: str, options: CurateOption
         return report_task(
             store, parent, (version, uri), candidate, listing, parameters=recorded, validation=validation
         )
+
+
+def _look_alike_advice(validation: dict, options: CurateOptions) -> str:
+    """What to do about look-alike units, naming the first ones; empty when there are none."""
+    units = validation.get("look_alike") or []
+    if not units:
+        return ""
+    named = "; ".join(
+        f"duplicate group {u['unit']} joins {u['items']} items ({u['items_shown']}), {u['share']:.0%} of "
+        f"stratum {u['stratum']}"
+        for u in units[:3]
+    )
+    return (
+        f"look-alike photos: {named}. Near duplicates chain distinct items together: lower --near-duplicates "
+        f"(now {options.near_duplicates}; a changed threshold regroups the whole dataset, purposes never move), or "
+        f"raise --max-group-share ({options.max_group_share}) / --max-group-items ({options.max_group_items})"
+    )
 
 
 def _same_content(candidate: Candidate, parent: Parent) -> bool:

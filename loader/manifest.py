@@ -6,6 +6,7 @@ Layout of a dataset root (see DESIGN section 2)::
 
     <root>/<dataset>/v000001/manifest.parquet
                             /rejects.parquet
+                            /assignments.parquet  <- every content ever assigned, and its purpose
                             /validation.json
                             /sample_grid.png
                             /manifest.json      <- written last, exclusive create: the commit
@@ -55,6 +56,9 @@ FIRST_VERSION = "first_version"
 REASON = "reason"
 DETAIL = "detail"
 
+# Assignments columns (besides MD5, PURPOSE, FIRST_VERSION, KEY, CATEGORY, UNIQUE_ID, PHASH, DUPLICATE_GROUP).
+LAST_VERSION = "last_version"
+
 PURPOSES = ("train", "devel", "test")
 FORMATS = ("bmp", "png", "jpeg", "gif", "tiff", "webp")
 REJECT_REASONS = (
@@ -103,11 +107,32 @@ REJECTS_SCHEMA = pa.schema(
     metadata={b"strata.schema_version": str(SCHEMA_VERSION).encode()},
 )
 
+# Every content (md5) ever assigned a purpose, one row each, carried from version to version: content keeps
+# its purpose, item and group whatever its key, and content deleted since is still known when it, a copy, a
+# near copy or another photo of its item comes back. ``key`` and ``category`` are where it was last seen,
+# ``last_version`` the last version whose manifest held it (this version for present content).
+ASSIGNMENTS_SCHEMA = pa.schema(
+    [
+        pa.field(MD5, pa.string(), nullable=False),
+        pa.field(PURPOSE, pa.string(), nullable=False),
+        pa.field(FIRST_VERSION, pa.int32(), nullable=False),
+        pa.field(LAST_VERSION, pa.int32(), nullable=False),
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(CATEGORY, pa.string(), nullable=False),
+        pa.field(UNIQUE_ID, pa.string(), nullable=False),
+        pa.field(PHASH, pa.uint64(), nullable=False),
+        pa.field(DUPLICATE_GROUP, pa.string(), nullable=True),
+    ],
+    metadata={b"strata.schema_version": str(SCHEMA_VERSION).encode()},
+)
+
 COLUMNS = tuple(MANIFEST_SCHEMA.names)
 REJECT_COLUMNS = tuple(REJECTS_SCHEMA.names)
+ASSIGNMENT_COLUMNS = tuple(ASSIGNMENTS_SCHEMA.names)
 
 MANIFEST_FILE = "manifest.parquet"
 REJECTS_FILE = "rejects.parquet"
+ASSIGNMENTS_FILE = "assignments.parquet"
 VALIDATION_FILE = "validation.json"
 COMMIT_FILE = "manifest.json"
 CLAIM_FILE = "_claim.json"
@@ -278,6 +303,38 @@ def read_table(version: Version, verify: bool = True) -> pa.Table:
     table = pq.read_table(io.BytesIO(data))
     if not table.schema.equals(MANIFEST_SCHEMA, check_metadata=False):
         raise IntegrityError(f"{version.fs.unstrip_protocol(path)} does not carry manifest schema v{SCHEMA_VERSION}")
+    return table
+
+
+def read_assignments(version: Version) -> pa.Table | None:
+    """Read a version's assignments, checking them against ``manifest.json``; None for a version written
+    before assignments were recorded (its history has to be rebuilt from every committed version).
+
+    Raises:
+        IntegrityError: the file is missing, or does not match its recorded checksum, row count or schema.
+    """
+    recorded = version.info.get("assignments_sha256")
+    if recorded is None:
+        return None
+    path = version.file(ASSIGNMENTS_FILE)
+    try:
+        data = version.fs.cat_file(path)
+    except FileNotFoundError as err:
+        raise IntegrityError(f"{version.uri} is committed but {ASSIGNMENTS_FILE} is missing") from err
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != recorded:
+        raise IntegrityError(
+            f"{version.fs.unstrip_protocol(path)} does not match its manifest.json: sha256 {digest}, recorded "
+            f"{recorded}. The version was modified after its commit: restore it from a backup"
+        )
+    table = pq.read_table(io.BytesIO(data))
+    if not table.schema.equals(ASSIGNMENTS_SCHEMA, check_metadata=False):
+        raise IntegrityError(f"{version.fs.unstrip_protocol(path)} does not carry the assignments schema")
+    if table.num_rows != version.info.get("assignments_rows"):
+        raise IntegrityError(
+            f"{version.fs.unstrip_protocol(path)} holds {table.num_rows} rows, manifest.json records "
+            f"{version.info.get('assignments_rows')}: restore the version from a backup"
+        )
     return table
 
 

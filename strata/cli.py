@@ -74,6 +74,21 @@ def _add_curate_options(parser: argparse.ArgumentParser) -> None:
         help="validation: strata with fewer samples are exempt from the fraction check (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-group-share",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="validation: a split unit that near duplicates join out of more than --max-group-items items, "
+        "holding more than this share of its stratum, holds the run for review (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-group-items",
+        type=int,
+        default=10,
+        metavar="N",
+        help="see --max-group-share (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-pixels",
         type=int,
         default=100_000_000,
@@ -113,6 +128,8 @@ def _options(args: argparse.Namespace) -> Any:
             max_pixels=args.max_pixels,
             fraction_tolerance=args.fraction_tolerance,
             min_stratum=args.min_stratum,
+            max_group_share=args.max_group_share,
+            max_group_items=args.max_group_items,
             storage_options=dict(args.storage_option),
             dask=args.dask,
         )

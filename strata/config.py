@@ -33,6 +33,14 @@ class CurateOptions(BaseModel):
         0.05, ge=0, le=1, description="largest accepted |train fraction - target| of a stratum (validation)"
     )
     min_stratum: int = Field(20, ge=1, description="strata with fewer samples are exempt from the fraction check")
+    max_group_share: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="a split unit joining more than max_group_items items by near duplicates holds the run for "
+        "review when it holds more than this share of its stratum (look-alike photos chaining together)",
+    )
+    max_group_items: int = Field(10, ge=1, description="see max_group_share")
     max_pixels: int = Field(100_000_000, gt=0, description="larger images are rejected as too_large")
     chunk_size: int = Field(256, gt=0, le=100_000, description="objects per inspect task (at least 1/1000 of them)")
     dask: str | None = Field(

@@ -1,10 +1,18 @@
 """Stage 6, validate: a Great Expectations suite (GX Core 1.x, ephemeral context) over the candidate manifest.
 
-Three batches are validated: the manifest itself (schema, value sets, formats, row count), a *spread* table
-with one row per md5 / unique_id / duplicate_group value and the number of purposes it spans, and a
-*strata* table with each stratum's train fraction against its target. Checks GX has no built-in for are
-custom expectations: built-in ones subclassed with a fixed column and bound, named for what they mean.
-A failed suite means no publish.
+Five tables are validated, each with its own suite:
+
+* ``manifest``: the candidate itself (schema, value sets, formats, row count);
+* ``spread``: one row per md5, unique_id and duplicate_group value held by more than one row (a value held
+  by one row cannot span two purposes), with the number of purposes it spans;
+* ``history``: one row per content an earlier version assigned, with its purpose then and now: purposes
+  never move;
+* ``units``: one row per split unit that joins several items (through duplicate groups), with its share of
+  its stratum: look-alike photos chaining a class together hold the run for a person;
+* ``strata``: each stratum's train fraction against its target.
+
+Checks GX has no built-in for are custom expectations: built-ins subclassed with a fixed column and bound,
+named for what they mean. A failed suite means no publish.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import functools
 import os
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 from prefect import get_run_logger
@@ -29,6 +38,15 @@ SPREAD = "purposes"  # suffix of the spread table's columns: md5_purposes, uniqu
 GROUP_COLUMNS = (m.MD5, m.UNIQUE_ID, m.DUPLICATE_GROUP)
 DEFAULT_TOLERANCE = 0.05  # the CurateOptions defaults; validate_manifest's own for direct callers
 DEFAULT_MIN_STRATUM = 20
+DEFAULT_GROUP_SHARE = 0.05
+DEFAULT_GROUP_ITEMS = 10
+_INDEX_COLUMNS = {
+    "manifest": [m.KEY],
+    "spread": ["value"],
+    "history": [m.KEY],
+    "units": ["unit", "stratum"],
+    "strata": ["stratum"],
+}
 
 
 def _gx_type(arrow_type: pa.DataType) -> str:
@@ -41,41 +59,137 @@ def _gx_type(arrow_type: pa.DataType) -> str:
 
 
 def spread_table(manifest: pd.DataFrame) -> pd.DataFrame:
-    """One row per md5, unique_id and duplicate_group value: how many purposes it spans.
+    """One row per md5, unique_id and duplicate_group value held by two rows or more: how many purposes it
+    spans.
 
     Columns: ``value``, ``md5_purposes``, ``unique_id_purposes``, ``duplicate_group_purposes`` (each null
     except for its own kind's rows).
     """
+    purpose = pd.factorize(manifest[m.PURPOSE])[0]
     parts = []
     for column in GROUP_COLUMNS:
-        spread = manifest.dropna(subset=[column]).groupby(column)[m.PURPOSE].nunique()
-        parts.append(pd.DataFrame({"value": spread.index.astype(str), f"{column}_{SPREAD}": spread.to_numpy()}))
+        codes, values = pd.factorize(manifest[column])  # -1 where null
+        shared = np.bincount(codes[codes >= 0], minlength=len(values)) > 1
+        rows = (codes >= 0) & np.append(shared, False)[codes]  # codes -1 read the appended False
+        pairs = np.unique(codes[rows].astype(np.int64) * 8 + purpose[rows])  # (value, purpose) pairs
+        spans = np.bincount(pairs // 8, minlength=len(values))
+        held = np.flatnonzero(shared)
+        parts.append(pd.DataFrame({"value": np.asarray(values)[held].astype(str), f"{column}_{SPREAD}": spans[held]}))
     return pd.concat(parts, ignore_index=True)
 
 
-def strata_table(
-    manifest: pd.DataFrame, fractions: Mapping[str, float], stratify: Sequence[str], min_rows: int
-) -> pd.DataFrame:
-    """Per stratum: rows, train fraction, target and deviation (null for strata below ``min_rows``)."""
-    keys = list(stratify) or [pd.Series("all", index=manifest.index, name="stratum")]
-    grouped = manifest.groupby(keys, dropna=False)
-    rows = grouped.size()
-    train = grouped[m.PURPOSE].apply(lambda p: float((p == "train").mean()))
-    table = pd.DataFrame(
+def history_table(manifest: pd.DataFrame, known: pd.DataFrame, at: np.ndarray | None = None) -> pd.DataFrame:
+    """Per candidate row whose content an earlier version assigned: key, purpose then and now.
+
+    Args:
+        at: per candidate row, its content's row in ``known`` or -1 (looked up when not given).
+    """
+    from tasks.assignments import index_of
+
+    at = index_of(manifest[m.MD5], known[m.MD5]) if at is None else at
+    found = np.flatnonzero(at >= 0)
+    return pd.DataFrame(
         {
-            "stratum": ["/".join(map(str, k if isinstance(k, tuple) else (k,))) for k in rows.index],
-            "rows": rows.to_numpy(),
-            "train_fraction": train.to_numpy(),
+            m.KEY: manifest[m.KEY].to_numpy(object)[found],
+            "purpose_before": known[m.PURPOSE].to_numpy(object)[at[found]],
+            "purpose_after": manifest[m.PURPOSE].to_numpy(object)[found],
         }
     )
-    table["target"] = float(fractions.get("train", 0.0))
-    deviation = (table["train_fraction"] - table["target"]).abs()
-    table["deviation"] = deviation.where(table["rows"] >= min_rows)
-    return table
+
+
+def units_table(manifest: pd.DataFrame, stratify: Sequence[str]) -> pd.DataFrame:
+    """Split units (rows joined by unique_id and duplicate_group) that hold more than one item.
+
+    Columns: unit (named by its first duplicate group in key order), stratum (the one holding most of the
+    unit's rows), rows, items, share (the unit's rows in that stratum over the stratum's rows).
+    """
+    from tasks.duplicates import connected_components, same_value_links
+
+    n = len(manifest)
+    columns = ["unit", "stratum", "rows", "items", "share"]
+    group_codes, group_names = pd.factorize(manifest[m.DUPLICATE_GROUP])
+    if not len(group_names):
+        return pd.DataFrame(columns=columns)
+    item_codes = pd.factorize(manifest[m.UNIQUE_ID])[0]
+    item_left, item_right = same_value_links(item_codes)
+    group_left, group_right = same_value_links(group_codes)
+    unit = connected_components(n, np.r_[item_left, group_left], np.r_[item_right, group_right])
+    stratum_codes, strata = pd.factorize(_strata(manifest, stratify))
+    # Units holding a duplicate group are the only ones that can join several items.
+    grouped = np.zeros(n, dtype=bool)
+    grouped[unit[group_codes >= 0]] = True
+    rows = np.flatnonzero(grouped[unit])
+    units, inverse = np.unique(unit[rows], return_inverse=True)
+    width = int(item_codes.max()) + 1
+    items = np.bincount(np.unique(inverse * width + item_codes[rows]) // width, minlength=len(units))
+    cells = inverse * len(strata) + stratum_codes[rows]
+    cell, count = np.unique(cells, return_counts=True)
+    main = np.lexsort((-count, cell // len(strata)))  # per unit, its fullest stratum first
+    first = np.r_[True, np.diff(cell[main] // len(strata)) != 0]
+    main_stratum, in_main = cell[main][first] % len(strata), count[main][first]
+    named = np.where(group_codes[rows] >= 0, group_codes[rows], len(group_names))
+    smallest = np.full(len(units), len(group_names))
+    np.minimum.at(smallest, inverse, named)
+    table = pd.DataFrame(
+        {
+            "unit": np.asarray(group_names, dtype=object)[smallest],
+            "stratum": np.asarray(strata, dtype=object)[main_stratum],
+            "rows": np.bincount(inverse),
+            "items": items,
+            "share": in_main / np.bincount(stratum_codes)[main_stratum],
+        }
+    )
+    table = table[table["items"] > 1]
+    return table.sort_values(["rows", "unit"], ascending=[False, True], ignore_index=True)[columns]
+
+
+def _strata(manifest: pd.DataFrame, stratify: Sequence[str]) -> pd.Series:
+    """Each row's stratum as text (``good``, ``good/png``), "all" without stratification."""
+    if not stratify:
+        return pd.Series("all", index=manifest.index)
+    text = manifest[stratify[0]].astype(str)
+    for column in stratify[1:]:
+        text = text + "/" + manifest[column].astype(str)
+    return text
+
+
+def strata_table(
+    manifest: pd.DataFrame,
+    fractions: Mapping[str, float],
+    stratify: Sequence[str],
+    min_rows: int,
+    placed: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Per stratum: rows, train fraction, target, deviation, and how far the split stayed from the best it
+    could do (``excess``; null for strata below ``min_rows``).
+
+    Purposes are sticky, so a stratum whose earlier assignments were thinned out by deletions can be off
+    target whatever the split does: ``floor`` is the least deviation reachable by placing only the rows the
+    split placed in this run (``placed``; None: every row) and ``excess`` the deviation beyond it.
+    """
+    stratum = _strata(manifest, stratify)
+    train = (manifest[m.PURPOSE] == "train").to_numpy()
+    placed = np.ones(len(manifest), dtype=bool) if placed is None else np.asarray(placed, dtype=bool)
+    frame = pd.DataFrame(
+        {"stratum": stratum.to_numpy(), "train": train, "fixed_train": train & ~placed, "free": placed}
+    )
+    table = frame.groupby("stratum", sort=True).agg(
+        rows=("train", "size"), trains=("train", "sum"), fixed_train=("fixed_train", "sum"), free=("free", "sum")
+    )
+    target = float(fractions.get("train", 0.0))
+    lowest, highest = table["fixed_train"] / table["rows"], (table["fixed_train"] + table["free"]) / table["rows"]
+    table = table.assign(
+        train_fraction=table["trains"] / table["rows"],
+        target=target,
+        floor=np.maximum(0.0, np.maximum(lowest - target, target - highest)),
+    )
+    table["deviation"] = (table["train_fraction"] - target).abs()
+    table["excess"] = (table["deviation"] - table["floor"]).where(table["rows"] >= min_rows)
+    return table.reset_index()[["stratum", "rows", "train_fraction", "target", "floor", "deviation", "excess"]]
 
 
 @functools.cache
-def _custom_expectations() -> tuple[type, ...]:
+def _custom_expectations() -> dict[str, type]:
     """Expectations GX has no built-in for: built-ins subclassed with a fixed column and bound.
 
     Defined once per process (GX registers expectation classes globally by name).
@@ -102,24 +216,46 @@ def _custom_expectations() -> tuple[type, ...]:
         column: str = f"{m.DUPLICATE_GROUP}_{SPREAD}"
         max_value: int = 1
 
+    class ExpectNoContentToChangePurpose(E.ExpectColumnPairValuesToBeEqual):
+        """Content an earlier version assigned keeps its purpose, under any key."""
+
+        column_A: str = "purpose_before"
+        column_B: str = "purpose_after"
+
+    class ExpectNoLookAlikeUnit(E.ExpectColumnValuesToBeBetween):
+        """No split unit joins many distinct items into a large share of its stratum (look-alike photos
+        chained by near duplicates): such a run waits for a person."""
+
+        column: str = "items"
+        condition_parser: str = "pandas"
+
     class ExpectStratumTrainFractionNearTarget(E.ExpectColumnValuesToBeBetween):
-        """Every stratum large enough to judge is within tolerance of its train target."""
+        """Every stratum large enough to judge is within tolerance of its train target, or of the closest the
+        split could come to it without moving an earlier purpose."""
 
-        column: str = "deviation"
-        min_value: float = 0.0
+        column: str = "excess"
 
-    return (
-        ExpectNoMd5InTwoPurposes,
-        ExpectNoItemInTwoPurposes,
-        ExpectNoDuplicateGroupInTwoPurposes,
-        ExpectStratumTrainFractionNearTarget,
-    )
+    return {
+        "md5": ExpectNoMd5InTwoPurposes,
+        "item": ExpectNoItemInTwoPurposes,
+        "group": ExpectNoDuplicateGroupInTwoPurposes,
+        "history": ExpectNoContentToChangePurpose,
+        "look_alike": ExpectNoLookAlikeUnit,
+        "near_target": ExpectStratumTrainFractionNearTarget,
+    }
 
 
-def _suites(gx: Any, purposes: Sequence[str], expected_rows: int | None, tolerance: float) -> dict[str, Any]:
-    """The three expectation suites, as code."""
+def _suites(
+    gx: Any,
+    purposes: Sequence[str],
+    expected_rows: int | None,
+    tolerance: float,
+    group_share: float,
+    group_items: int,
+) -> dict[str, Any]:
+    """The expectation suites, as code, by table."""
     E = gx.expectations
-    no_md5, no_item, no_group, near_target = _custom_expectations()
+    custom = _custom_expectations()
 
     manifest = gx.ExpectationSuite(name="manifest-v1")
     manifest.add_expectation(E.ExpectTableColumnsToMatchOrderedList(column_list=list(m.COLUMNS)))
@@ -138,12 +274,15 @@ def _suites(gx: Any, purposes: Sequence[str], expected_rows: int | None, toleran
         manifest.add_expectation(E.ExpectTableRowCountToEqual(value=expected_rows))
 
     spread = gx.ExpectationSuite(name="purpose-spread")
-    for expectation in (no_md5, no_item, no_group):
-        spread.add_expectation(expectation())
-
+    for name in ("md5", "item", "group"):
+        spread.add_expectation(custom[name]())
+    history = gx.ExpectationSuite(name="sticky-purposes")
+    history.add_expectation(custom["history"]())
+    units = gx.ExpectationSuite(name="look-alike-units")
+    units.add_expectation(custom["look_alike"](max_value=group_items, row_condition=f"share > {group_share!r}"))
     strata = gx.ExpectationSuite(name="strata-fractions")
-    strata.add_expectation(near_target(max_value=tolerance))
-    return {"manifest": manifest, "spread": spread, "strata": strata}
+    strata.add_expectation(custom["near_target"](max_value=tolerance))
+    return {"manifest": manifest, "spread": spread, "history": history, "units": units, "strata": strata}
 
 
 def _examples(result: Any) -> list[Any]:
@@ -151,12 +290,20 @@ def _examples(result: Any) -> list[Any]:
     examples = info.get("partial_unexpected_index_list") or info.get("partial_unexpected_list") or []
     if not examples and "observed_value" in info:
         examples = [{"observed_value": info["observed_value"]}]
-    return [
-        {k: (str(v) if not isinstance(v, (int, float, str, bool, type(None))) else v) for k, v in e.items()}
-        if isinstance(e, dict)
-        else str(e)
-        for e in examples[:5]
-    ]
+    return [_plain(e) for e in examples[:5]]
+
+
+def _plain(value: Any) -> Any:
+    """JSON- and reader-friendly: numpy scalars as Python numbers (rounded floats), dicts and lists inside."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, (float, np.floating)):
+        return round(float(value), 4)
+    return value if isinstance(value, (int, str, bool, type(None))) else str(value)
 
 
 def validate_manifest(
@@ -168,6 +315,11 @@ def validate_manifest(
     tolerance: float = DEFAULT_TOLERANCE,
     min_stratum: int = DEFAULT_MIN_STRATUM,
     purposes: Sequence[str] | None = None,
+    known: pd.DataFrame | None = None,
+    group_share: float = DEFAULT_GROUP_SHARE,
+    group_items: int = DEFAULT_GROUP_ITEMS,
+    placed: np.ndarray | None = None,
+    known_rows: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Run the suites over a candidate manifest.
 
@@ -178,10 +330,16 @@ def validate_manifest(
         expected_rows: parent rows + added - removed, or None to skip that check.
         tolerance: largest accepted |train fraction - target| of a stratum.
         min_stratum: strata with fewer rows are exempt from the fraction check.
+        known: the parent's assignments (md5, purpose): content that must keep its purpose.
+        group_share, group_items: a unit of more than ``group_items`` items and more than ``group_share``
+            of its stratum fails the look-alike check.
+        placed: per row, whether the split placed it in this run (None: every row); the fraction check
+            allows for what sticky purposes fix.
+        known_rows: per row, its content's row in ``known`` or -1 (looked up when not given).
 
     Returns:
         ``{"success", "failed": [{"suite", "expectation", "column", "unexpected_count", "examples"}],
-        "statistics", "summary"}``; JSON-serializable.
+        "statistics", "summary", "look_alike": [units over the bound]}``; JSON-serializable.
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
@@ -191,23 +349,27 @@ def validate_manifest(
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas("strata")
     allowed = list(purposes or [p for p, f in fractions.items() if f > 0])
-    suites = _suites(gx, allowed, expected_rows, tolerance)
+    suites = _suites(gx, allowed, expected_rows, tolerance, group_share, group_items)
+    units = units_table(manifest, stratify)
     frames = {
         "manifest": manifest,
         "spread": spread_table(manifest),
-        "strata": strata_table(manifest, fractions, stratify, min_stratum),
+        "history": history_table(
+            manifest, known if known is not None else m.empty_frame(m.ASSIGNMENTS_SCHEMA), known_rows
+        ),
+        "units": units,
+        "strata": strata_table(manifest, fractions, stratify, min_stratum, placed),
     }
-    index_columns = {"manifest": [m.KEY], "spread": ["value"], "strata": ["stratum"]}
     failed, evaluated = [], 0
     for name, frame in frames.items():
-        batch = (
-            source.add_dataframe_asset(name)
-            .add_batch_definition_whole_dataframe("whole")
-            .get_batch(batch_parameters={"dataframe": frame})
-        )
-        result = batch.validate(
-            suites[name],
-            result_format={"result_format": "SUMMARY", "unexpected_index_column_names": index_columns[name]},
+        # One batch fetch per table: GX fingerprints (hashes) a DataFrame each time it makes a batch of it,
+        # and Batch.validate would make a second one.
+        definition = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("whole")
+        check = gx.ValidationDefinition(name=name, data=definition, suite=context.suites.add(suites[name]))
+        run = context.validation_definitions.add(check)
+        result = run.run(
+            batch_parameters={"dataframe": frame},
+            result_format={"result_format": "SUMMARY", "unexpected_index_column_names": _INDEX_COLUMNS[name]},
         )
         for item in result.results:
             evaluated += 1
@@ -229,11 +391,19 @@ def validate_manifest(
         if not failed
         else "failed: " + "; ".join(f"{f['expectation']}({f['column'] or ''}) e.g. {f['examples'][:2]}" for f in failed)
     )
+    look_alike = []
+    for row in units[(units["share"] > group_share) & (units["items"] > group_items)].head(20).to_dict("records"):
+        members = manifest[manifest[m.DUPLICATE_GROUP] == row["unit"]]
+        shown = sorted(members[m.UNIQUE_ID].unique())
+        row["items_shown"] = ", ".join(shown[:10]) + (f" (+{len(shown) - 10} more)" if len(shown) > 10 else "")
+        row["examples"] = ", ".join(members[m.KEY].head(3))
+        look_alike.append(_plain(row))
     return {
         "success": not failed,
         "failed": failed,
         "statistics": {"evaluated": evaluated, "failed": len(failed)},
         "summary": summary,
+        "look_alike": look_alike,
     }
 
 
@@ -256,6 +426,11 @@ def validate_task(candidate: Candidate, parent: Parent, options: CurateOptions) 
         tolerance=options.fraction_tolerance,
         min_stratum=options.min_stratum,
         purposes=purposes,
+        known=parent.assignments,
+        group_share=options.max_group_share,
+        group_items=options.max_group_items,
+        placed=candidate.placed,
+        known_rows=candidate.known_rows,
     )
     logger = get_run_logger()
     (logger.info if validation["success"] else logger.error)("validate: %s", validation["summary"])

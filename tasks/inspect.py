@@ -164,8 +164,10 @@ def inspect_bytes(data: bytes, etag: str = "", max_pixels: int = DEFAULT_MAX_PIX
             if width <= 0 or height <= 0:
                 return Rejected("unreadable", f"header claims {width}x{height} pixels")
             channels = _channels(image)  # from the header: a draft decode changes the mode
-            if fmt == "jpeg":
-                image.draft("L", (_HASH_SOURCE, _HASH_SOURCE))  # DCT-scaled: still reads and checks every byte
+            if fmt == "jpeg" and min(width, height) >= 2 * _HASH_SOURCE:
+                # DCT-scaled grey: still reads and checks every byte. Smaller JPEGs decode in full, as
+                # imagehash decodes them, so their hash is bit-identical to imagehash's.
+                image.draft("L", (_HASH_SOURCE, _HASH_SOURCE))
             if fmt == "png":
                 image = _png_pixels(data, image)
             else:

@@ -20,11 +20,12 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Mapping
 
 import fsspec
+import numpy as np
 import pandas as pd
 from fsspec.implementations.local import LocalFileSystem
 from prefect import get_run_logger
@@ -33,6 +34,7 @@ from prefect.exceptions import MissingContextError
 from loader import manifest as m
 from strata.errors import CommitConflict
 from strata.storage import naming
+from tasks import assignments
 from tasks.policy import stage
 
 CLAIM_WAIT_S = 120.0  # how long a live claimant gets to commit before this run gives up on the version
@@ -78,6 +80,9 @@ def commit_record(
     rejects_sha256: str,
     validation: Mapping[str, Any],
     flow_run_id: str | None,
+    assignments_sha256: str | None = None,
+    assignments_rows: int | None = None,
+    review: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The content of ``manifest.json`` (pure)."""
     return {
@@ -94,6 +99,10 @@ def commit_record(
         "diff": dict(diff),
         "sha256": manifest_sha256,
         "rejects_sha256": rejects_sha256,
+        "assignments_sha256": assignments_sha256,
+        "assignments_rows": assignments_rows,
+        "phash_exact": True,
+        "review": dict(review or {}),
         "validation": dict(validation),
         "flow_run_id": flow_run_id,
     }
@@ -270,7 +279,8 @@ def write_version(
     record: Mapping[str, Any],
     extra: Mapping[str, bytes] | None = None,
 ) -> str:
-    """Write a claimed version's files (and ``extra`` ones, by name) and commit it. Returns the version's URI.
+    """Write a claimed version's files (and ``extra`` ones, by name, such as ``assignments.parquet``) and
+    commit it. Returns the version's URI.
 
     Raises:
         CommitConflict: another version was committed above the parent meanwhile; this one stays uncommitted.
@@ -300,22 +310,48 @@ def sha256(data: bytes) -> str:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A planned version: its tables, serialized, and what manifest.json will say of it."""
+    """A planned version: its tables, what manifest.json will say of it, and what a person should review."""
 
     manifest: pd.DataFrame
     rejects: pd.DataFrame
     diff: dict[str, int]
     changes: pd.DataFrame  # per-key differences from the parent (``tasks.diff.manifest_diff``)
+    known: pd.DataFrame = field(default_factory=assignments.empty)  # the parent's assignments
+    known_rows: np.ndarray | None = None  # per manifest row, its content's row in ``known`` (-1: new content)
+    ghost_groups: pd.Series | None = None  # duplicate group of each content gone from the source, by md5
+    cross: pd.DataFrame = field(default_factory=pd.DataFrame)  # cross-purpose links found (tasks.duplicates)
+    held: pd.DataFrame = field(default_factory=pd.DataFrame)  # new rows held back: they would join two purposes
+    placed: np.ndarray | None = None  # per manifest row: placed by the split in this run (not sticky)
+
+    @property
+    def review(self) -> dict[str, int]:
+        """What a person should look at: rows held back, and cross-purpose links found in this run."""
+        return {"held_back": len(self.held), "cross_purpose_links": len(self.cross)}
 
 
-def serialize(candidate: Candidate, version: int) -> tuple[pd.DataFrame, bytes, bytes]:
-    """Fill ``first_version`` of new rows with ``version`` and serialize both tables."""
-    manifest = candidate.manifest.copy()
-    manifest[m.FIRST_VERSION] = manifest[m.FIRST_VERSION].fillna(version).astype("int32")
-    return (
-        manifest,
-        m.parquet_bytes(m.to_table(manifest)),
-        m.parquet_bytes(m.to_table(candidate.rejects, m.REJECTS_SCHEMA)),
+@dataclass(frozen=True)
+class Serialized:
+    """A candidate as the files of one version."""
+
+    manifest: pd.DataFrame  # first_version filled
+    manifest_bytes: bytes
+    rejects_bytes: bytes
+    assignments_bytes: bytes
+    assignments_rows: int
+
+
+def serialize(candidate: Candidate, version: int) -> Serialized:
+    """Fill ``first_version`` of new content with ``version``, carry the assignments, serialize the tables."""
+    manifest = candidate.manifest.assign(
+        **{m.FIRST_VERSION: candidate.manifest[m.FIRST_VERSION].fillna(version).astype("int32")}
+    )
+    carried = assignments.carry(candidate.known, manifest, version, candidate.ghost_groups, candidate.known_rows)
+    return Serialized(
+        manifest=manifest,
+        manifest_bytes=m.parquet_bytes(m.to_table(manifest)),
+        rejects_bytes=m.parquet_bytes(m.to_table(candidate.rejects, m.REJECTS_SCHEMA)),
+        assignments_bytes=m.parquet_bytes(m.to_table(carried, m.ASSIGNMENTS_SCHEMA)),
+        assignments_rows=len(carried),
     )
 
 
@@ -332,20 +368,26 @@ def publish_task(
     """Claim, write and commit a version (Prefect task). Returns (version, version URI)."""
     with naming("publish", store.uri):
         version = claim_version(store, parent_version, run_id)
-        manifest, manifest_bytes, rejects_bytes = serialize(candidate, version)
+        files = serialize(candidate, version)
         record = commit_record(
             version=version,
             parent_version=parent_version,
-            manifest=manifest,
+            manifest=files.manifest,
             rejects=candidate.rejects,
             diff=candidate.diff,
-            manifest_sha256=sha256(manifest_bytes),
-            rejects_sha256=sha256(rejects_bytes),
+            manifest_sha256=sha256(files.manifest_bytes),
+            rejects_sha256=sha256(files.rejects_bytes),
+            assignments_sha256=sha256(files.assignments_bytes),
+            assignments_rows=files.assignments_rows,
+            review=candidate.review,
             validation=validation,
             **record_fields,
         )
-        uri = write_version(store, version, parent_version, manifest_bytes, rejects_bytes, validation, record, extra)
-        get_run_logger().info("publish: committed version %d at %s (%d rows)", version, uri, len(manifest))
+        extra = {m.ASSIGNMENTS_FILE: files.assignments_bytes, **(extra or {})}
+        uri = write_version(
+            store, version, parent_version, files.manifest_bytes, files.rejects_bytes, validation, record, extra
+        )
+        get_run_logger().info("publish: committed version %d at %s (%d rows)", version, uri, len(files.manifest))
         return version, uri
 
 

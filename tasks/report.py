@@ -108,6 +108,70 @@ def duplicates_table(manifest: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def largest_groups(manifest: pd.DataFrame, count: int = 10) -> pd.DataFrame:
+    """The largest duplicate groups: look-alike photos chaining together show here first.
+
+    Columns: duplicate_group, rows, items (distinct unique_ids), categories, purpose, examples (three keys).
+    """
+    grouped = manifest.dropna(subset=[m.DUPLICATE_GROUP])
+    sizes = grouped.groupby(m.DUPLICATE_GROUP).size().sort_values(ascending=False, kind="stable")
+    top = grouped[grouped[m.DUPLICATE_GROUP].isin(sizes.index[:count])].groupby(m.DUPLICATE_GROUP)
+    table = pd.DataFrame(
+        {
+            "rows": top.size(),
+            "items": top[m.UNIQUE_ID].nunique(),
+            "categories": top[m.CATEGORY].agg(lambda c: ", ".join(sorted(c.unique()))),
+            "purpose": top[m.PURPOSE].first(),
+            "examples": top[m.KEY].agg(lambda k: ", ".join(sorted(k)[:3])),
+        }
+    )
+    table = table.sort_values(["rows", "items"], ascending=False, kind="stable").rename_axis(m.DUPLICATE_GROUP)
+    return table.reset_index()
+
+
+def review_markdown(
+    held: pd.DataFrame, cross: pd.DataFrame, look_alike: Sequence[Mapping[str, Any]], shown: int = 50
+) -> str:
+    """What a person should look at, and how to resolve it: images held back, cross-purpose links, and
+    look-alike units (empty when there is nothing)."""
+    lines: list[str] = []
+    if len(held):
+        lines += [
+            f"## {len(held)} new image(s) held back (reason purpose_conflict)",
+            "",
+            "Each links (same item id, exact or near copy) to content already in two purposes, so it can go to "
+            "neither. Remove it from the source, or remove what it links to; the next run judges it again.",
+            "",
+            markdown_table(held[[m.KEY, "detail"]].head(shown)),
+        ]
+        if len(held) > shown:
+            lines.append(f"... and {len(held) - shown} more")
+    if len(cross):
+        lines += [
+            "",
+            f"## {len(cross)} cross-purpose link(s) among content already assigned",
+            "",
+            "Neither side moves and they are not merged (purposes are sticky); both stay published. If they show "
+            "the same physical item or scene, remove one side from the source.",
+            "",
+            markdown_table(cross.head(shown)),
+        ]
+        if len(cross) > shown:
+            lines.append(f"... and {len(cross) - shown} more")
+    if look_alike:
+        lines += [
+            "",
+            f"## {len(look_alike)} look-alike unit(s): near duplicates join many items into one split unit",
+            "",
+            "Nothing was published. Lower `--near-duplicates` (a changed threshold regroups the whole dataset; "
+            "purposes still never move), or raise `--max-group-share` / `--max-group-items` if the items really "
+            "are copies of each other.",
+            "",
+            markdown_table(pd.DataFrame(list(look_alike))),
+        ]
+    return "\n".join(lines)
+
+
 def grid_samples(manifest: pd.DataFrame, per_cell: int = 4) -> pd.DataFrame:
     """Up to ``per_cell`` rows per (category, purpose), spread evenly over the keys: the sample grid's cells."""
     picks = []
@@ -255,6 +319,19 @@ def report_task(
             description=f"{dataset}: duplicate groups (exact = same bytes, near = similar phash); kept_whole = "
             "groups spanning several items, assigned to one purpose as a unit",
         )
+        create_table_artifact(
+            table=largest_groups(candidate.manifest).to_dict(orient="records")
+            or [{m.DUPLICATE_GROUP: "none", "rows": 0}],
+            key=artifact_key(dataset, "largest-groups"),
+            description=f"{dataset}: the largest duplicate groups (look-alike photos chaining together show first)",
+        )
+        review = review_markdown(candidate.held, candidate.cross, (validation or {}).get("look_alike") or [])
+        if review:
+            create_markdown_artifact(
+                markdown=f"# {dataset}: to review\n\n{review}",
+                key=artifact_key(dataset, "review"),
+                description=f"{dataset}: images held back, cross-purpose links and look-alike units",
+            )
         rejects = candidate.rejects
         examples = rejects.groupby(m.REASON)[m.KEY].apply(lambda k: ", ".join(k.head(3)))
         rows = [

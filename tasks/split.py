@@ -212,15 +212,18 @@ def assign_purposes(
     fractions: Mapping[str, float] = DEFAULT_FRACTIONS,
     seed: int = 0,
     stratify: Sequence[str] = (m.CATEGORY,),
+    units: np.ndarray | None = None,
 ) -> SplitResult:
     """Assign a purpose to every row without one.
 
     Args:
         samples: rows with md5, unique_id, duplicate_group, the stratify columns, and purpose (set for rows
-            carried over from the parent version, null for new ones).
+            whose content already holds one, or inherits it; null for new ones).
         fractions: target fraction per purpose, summing to 1.
         seed: decides the order in which free units are placed.
         stratify: columns whose value combinations are the strata; empty for one global stratum.
+        units: the unit of every row, as the duplicates stage grouped them (deleted content included);
+            None: the components of equal unique_id and duplicate_group.
 
     Returns:
         A SplitResult; rows keep their input order.
@@ -234,12 +237,12 @@ def assign_purposes(
         out[m.PURPOSE] = pd.Series([], dtype=object)
         return SplitResult(out, frame.iloc[0:0], 0)
 
-    # Units: connected components of uniqueness groups and duplicate groups.
-    uid_codes = pd.factorize(frame[m.UNIQUE_ID])[0]
-    dup_codes = pd.factorize(frame[m.DUPLICATE_GROUP])[0]
-    l1, r1 = _group_edges(uid_codes)
-    l2, r2 = _group_edges(dup_codes)
-    unit = connected_components(n, np.concatenate([l1, l2]), np.concatenate([r1, r2]))
+    if units is None:  # connected components of uniqueness groups and duplicate groups
+        l1, r1 = _group_edges(pd.factorize(frame[m.UNIQUE_ID])[0])
+        l2, r2 = _group_edges(pd.factorize(frame[m.DUPLICATE_GROUP])[0])
+        unit = connected_components(n, np.concatenate([l1, l2]), np.concatenate([r1, r2]))
+    else:
+        unit = pd.factorize(np.asarray(units))[0].astype(np.int64)  # labels in [0, n), as _compact needs
 
     # Locked units: the purposes their carried-over rows already hold.
     old = frame[m.PURPOSE].astype(object) if m.PURPOSE in frame else pd.Series([None] * n, dtype=object)
@@ -337,10 +340,10 @@ def _purpose_column(carried: pd.Series, rows: np.ndarray, chosen: np.ndarray, pu
 
 @stage("split", storage=False)
 def split_task(
-    samples: pd.DataFrame, fractions: Mapping[str, float], seed: int, stratify: Sequence[str]
+    samples: pd.DataFrame, fractions: Mapping[str, float], seed: int, stratify: Sequence[str], units: np.ndarray
 ) -> SplitResult:
     """Assign purposes (Prefect task)."""
-    result = assign_purposes(samples, fractions, seed, stratify)
+    result = assign_purposes(samples, fractions, seed, stratify, units)
     get_run_logger().info(
         "split: %d rows in %d units; %d held out for joining two purposes",
         len(result.samples),

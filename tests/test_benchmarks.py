@@ -9,7 +9,17 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = {"loader", "loader_augmented", "inspect", "split", "incremental", "near_duplicates", "memory"}
+ROWS = {
+    "loader",
+    "loader_augmented",
+    "inspect",
+    "split",
+    "incremental",
+    "near_duplicates",
+    "near_duplicates_1m",
+    "daily_run_1m",
+    "memory",
+}
 
 
 def test_quick_benchmarks_measure_every_row(tmp_path: Path) -> None:
