@@ -33,7 +33,7 @@ from tasks.diff import (
     summarize_changes,
 )
 from tasks.duplicates import duplicates_task
-from tasks.expectations import validate_task
+from tasks.expectations import import_in_background, validate_task
 from tasks.inspect import INSPECT_COLUMNS, inspect_objects, inspect_task
 from tasks.listing import LISTING_COLUMNS, list_task
 from tasks.publish import Candidate, Store, publish_task, reject_task
@@ -169,6 +169,7 @@ def _dataset_turn(dataset: str) -> Iterator[None]:
 
 def _curate(source: str, dataset: str, manifest_root: str, options: CurateOptions) -> CurateSummary:
     logger = get_run_logger()
+    import_in_background()
     source_fs, source_root = open_url(source, options.storage_options)
     store_fs, root_path = open_url(manifest_root, options.storage_options)
     store = Store(store_fs, f"{root_path.rstrip('/')}/{dataset}")

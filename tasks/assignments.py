@@ -40,28 +40,49 @@ def rebuild(versions: Sequence[tuple[int, pd.DataFrame]]) -> tuple[pd.DataFrame,
 
     Returns:
         ``(assignments, moved)``. Each md5 takes the purpose, item, group and smallest key of the last version
-        that held it, ``first_version`` the first; ``moved`` lists content whose purpose differed between
-        versions (columns md5, purposes, versions): the last purpose stands, and a person should look.
+        that held it, ``first_version`` the first. Those versions carried purposes by key, so some content may
+        have changed purpose between them, and an item may have ended up in two purposes: the last purpose
+        stands, each part of such an item becomes an item of its own (``<id>@<purpose>``), and ``moved`` lists
+        both for a person (columns kind ``content`` or ``item``, value, purposes, versions).
     """
     columns = [m.MD5, m.PURPOSE, m.KEY, m.CATEGORY, m.UNIQUE_ID, m.PHASH, m.DUPLICATE_GROUP]
+    moved_columns = ["kind", "value", "purposes", "versions"]
     frames = [frame[columns].assign(_version=number) for number, frame in versions if len(frame)]
     if not frames:
-        return empty(), pd.DataFrame(columns=[m.MD5, "purposes", "versions"])
-    rows = pd.concat(frames, ignore_index=True).astype({m.PHASH: "uint64"})
+        return empty(), pd.DataFrame(columns=moved_columns)
+    rows = pd.concat(frames, ignore_index=True).astype({m.PHASH: "uint64"}).sort_values(["_version", m.KEY])
     span = rows.groupby(m.MD5)["_version"].agg(["min", "max"])
     latest = rows.sort_values(["_version", m.KEY], ascending=[True, False]).drop_duplicates(m.MD5, keep="last")
     assigned = (
         latest.set_index(m.MD5).assign(**{m.FIRST_VERSION: span["min"], m.LAST_VERSION: span["max"]}).reset_index()
     )
-    spread = rows.drop_duplicates([m.MD5, m.PURPOSE]).groupby(m.MD5)
-    moved_md5 = spread.size()[lambda s: s > 1].index
-    moved_rows = rows[rows[m.MD5].isin(moved_md5)].sort_values("_version")
-    moved = (
-        moved_rows.groupby(m.MD5)
-        .agg(purposes=(m.PURPOSE, lambda p: " -> ".join(dict.fromkeys(p))), versions=("_version", "unique"))
-        .reset_index()
+    changed = rows.drop_duplicates([m.MD5, m.PURPOSE]).groupby(m.MD5).size()[lambda c: c > 1].index
+    content = (
+        rows[rows[m.MD5].isin(changed)]
+        .groupby(m.MD5)
+        .agg(purposes=(m.PURPOSE, lambda p: " -> ".join(dict.fromkeys(p))), versions=("_version", _versions))
     )
-    return _conform(assigned), moved
+    split = assigned.groupby(m.UNIQUE_ID)[m.PURPOSE].nunique()[lambda c: c > 1].index
+    items = (
+        assigned[assigned[m.UNIQUE_ID].isin(split)]
+        .groupby(m.UNIQUE_ID)
+        .agg(purposes=(m.PURPOSE, lambda p: ", ".join(sorted(set(p)))), versions=(m.PURPOSE, "size"))
+    )
+    items["versions"] = items["versions"].map(lambda n: f"{n} contents")
+    in_split = assigned[m.UNIQUE_ID].isin(split)
+    assigned.loc[in_split, m.UNIQUE_ID] = assigned.loc[in_split, m.UNIQUE_ID] + "@" + assigned.loc[in_split, m.PURPOSE]
+    moved = pd.concat(
+        [
+            content.reset_index(names="value").assign(kind="content"),
+            items.reset_index(names="value").assign(kind="item"),
+        ],
+        ignore_index=True,
+    )
+    return _conform(assigned), moved.reindex(columns=moved_columns)
+
+
+def _versions(numbers: pd.Series) -> str:
+    return ", ".join(str(n) for n in sorted(set(numbers)))
 
 
 def carry(

@@ -188,3 +188,63 @@ def test_stored_phash_is_imagehash_for_every_row(tmp_path: Path) -> None:
             expected = int(str(imagehash.phash(image)), 16)
         assert int(stored) == expected, path
     assert (manifest[m.PHASH].to_numpy() & np.uint64(0x7FF)).any()  # the low bits are really there
+
+
+def _make_legacy(version_dir: Path, flip: str | None = None) -> None:
+    """Turn a committed version into one written before assignments: phashes through float64 (their low bits
+    lost), no assignments file, manifest.json without the fields; ``flip`` moves that key's purpose (what the
+    key-based carry-over of those versions did to touched files)."""
+    import hashlib
+    import json
+
+    manifest = m.read_table(m.open_version(str(version_dir))).to_pandas()
+    manifest[m.PHASH] = manifest[m.PHASH].astype("float64").astype("uint64")
+    if flip is not None:
+        row = manifest.index[manifest[m.KEY] == flip][0]
+        manifest.loc[row, m.PURPOSE] = "devel" if manifest.loc[row, m.PURPOSE] == "train" else "train"
+    data = m.parquet_bytes(m.to_table(manifest))
+    (version_dir / m.MANIFEST_FILE).write_bytes(data)
+    (version_dir / m.ASSIGNMENTS_FILE).unlink()
+    info = json.loads((version_dir / m.COMMIT_FILE).read_text())
+    for name in ("assignments_sha256", "assignments_rows", "phash_exact", "review"):
+        info.pop(name)
+    info["sha256"] = hashlib.sha256(data).hexdigest()
+    (version_dir / m.COMMIT_FILE).write_text(json.dumps(info))
+
+
+def test_versions_from_before_assignments_are_rehashed_once_and_their_history_rebuilt(tmp_path: Path) -> None:
+    place = Place(str(tmp_path / "src"), str(tmp_path / "m"), fsspec.filesystem("file"), str(tmp_path / "src"))
+    (tmp_path / "src").mkdir()
+    _seed(place)
+    options = CurateOptions(uniqueness=UNIQUENESS)
+    curate_dataset(source=place.source, dataset="vials", manifest_root=place.root, options=options)
+    v1 = m.read_manifest(f"{place.root}/vials", 1)
+    devel = v1[v1[m.PURPOSE] == "devel"].reset_index(drop=True)
+    gone_key, gone_md5 = devel.at[0, m.KEY], devel.at[0, m.MD5]
+    gone_bytes = Path(place.source_path, gone_key).read_bytes()
+    place.delete(gone_key)
+    curate_dataset(source=place.source, dataset="vials", manifest_root=place.root, options=options)
+    flipped = v1[v1[m.PURPOSE] == "train"][m.KEY].iloc[0]
+    _make_legacy(tmp_path / "m" / "vials" / "v000001")
+    _make_legacy(tmp_path / "m" / "vials" / "v000002", flip=flipped)
+    v2 = m.read_manifest(f"{place.root}/vials", 2)
+    assert (v2[m.PHASH].to_numpy() & np.uint64(0x7FF) == 0).all()  # what float64 did to them
+
+    place.put("good/777_0.png", gone_bytes)  # deleted content back under another name
+    summary = curate_dataset(source=place.source, dataset="vials", manifest_root=place.root, options=options)
+    assert summary.published and summary.version == 3
+    version = m.open_version(f"{place.root}/vials")
+    v3 = m.read_table(version).to_pandas()
+    assert version.info["phash_exact"] is True and version.info["diff"]["purpose_changed"] == 0
+    by_key = v3.set_index(m.KEY)
+    assert by_key.at["good/777_0.png", m.PURPOSE] == "devel"  # known from version 1, deleted in version 2
+    assert by_key.at["good/777_0.png", m.FIRST_VERSION] == 1
+    assert by_key.at[flipped, m.PURPOSE] == v2.set_index(m.KEY).at[flipped, m.PURPOSE]  # the parent's stands
+    for path, stored in zip(v3[m.PATH], v3[m.PHASH], strict=True):  # re-read and re-hashed, every object
+        with Image.open(path.removeprefix("file://")) as image:
+            assert int(stored) == int(str(imagehash.phash(image)), 16), path
+    known = m.read_assignments(version).to_pandas().set_index(m.MD5)
+    assert known.at[gone_md5, m.PURPOSE] == "devel" and len(known) == v1[m.MD5].nunique()
+    # Once migrated, the next run carries every row again.
+    again = curate_dataset(source=place.source, dataset="vials", manifest_root=place.root, options=options)
+    assert not again.published

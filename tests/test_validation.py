@@ -78,9 +78,9 @@ BROKEN = {
     "duplicate path": (_set(m.PATH, 3, "file:///data/good/0_0.png"), "expect_column_values_to_be_unique", m.PATH),
     "malformed md5": (_set(m.MD5, 5, "D41D8CD98F00B204E9800998ECF8427E"), "expect_column_values_to_match_regex", m.MD5),
     "unknown purpose": (_set(m.PURPOSE, 2, "holdout"), "expect_column_values_to_be_in_set", m.PURPOSE),
-    "zero width": (_set(m.WIDTH, 4, 0), "expect_column_values_to_be_between", m.WIDTH),
-    "zero height": (_set(m.HEIGHT, 4, 0), "expect_column_values_to_be_between", m.HEIGHT),
-    "zero size": (_set(m.SIZE, 4, 0), "expect_column_values_to_be_between", m.SIZE),
+    "zero width": (_set(m.WIDTH, 4, 0), "expect_column_min_to_be_between", m.WIDTH),
+    "zero height": (_set(m.HEIGHT, 4, 0), "expect_column_min_to_be_between", m.HEIGHT),
+    "zero size": (_set(m.SIZE, 4, 0), "expect_column_min_to_be_between", m.SIZE),
     "md5 in two purposes": (
         _set(m.MD5, 17, hashlib.md5(b"good/0_0.png").hexdigest()),
         "expect_no_md5_in_two_purposes",
@@ -117,3 +117,47 @@ def test_small_strata_are_exempt_from_the_fraction_check() -> None:
     exempt = validate_manifest(frame, fractions=FRACTIONS, stratify=["category"], min_stratum=21)
     assert exempt["success"], exempt["summary"]
     assert not validate_manifest(frame, fractions=FRACTIONS, stratify=["category"], min_stratum=20)["success"]
+
+
+def _known(frame: pd.DataFrame) -> pd.DataFrame:
+    """Assignments as the parent version recorded them for these rows."""
+    known = frame[[m.MD5, m.PURPOSE, m.KEY, m.CATEGORY, m.UNIQUE_ID, m.PHASH, m.DUPLICATE_GROUP]]
+    return m.to_table(known.assign(**{m.FIRST_VERSION: 1, m.LAST_VERSION: 1}), m.ASSIGNMENTS_SCHEMA).to_pandas()
+
+
+def test_content_that_changes_purpose_fails_naming_its_key() -> None:
+    frame = clean()
+    known = _known(frame)
+    assert validate_manifest(frame, fractions=FRACTIONS, stratify=["category"], known=known)["success"]
+    moved = frame.copy()
+    moved.loc[0, m.KEY] = "good/renamed.png"  # under another key: identity is the content
+    moved.loc[0, m.PURPOSE] = "devel"
+    result = validate_manifest(moved, fractions=FRACTIONS, stratify=["category"], known=known)
+    failed = {f["expectation"]: f for f in result["failed"]}
+    assert "expect_no_content_to_change_purpose" in failed
+    example = failed["expect_no_content_to_change_purpose"]["examples"][0]
+    assert example == {m.KEY: "good/renamed.png", "purpose_before": "train", "purpose_after": "devel"}
+
+
+def test_a_unit_of_many_look_alike_items_holds_the_run() -> None:
+    frame = clean()
+    chained = frame[m.CATEGORY] == "good"
+    frame.loc[chained & (frame.index < 16), m.DUPLICATE_GROUP] = "dup-chain"  # 8 items joined by near copies
+    result = validate_manifest(frame, fractions=FRACTIONS, stratify=["category"], group_items=7)
+    assert "expect_no_look_alike_unit" in {f["expectation"] for f in result["failed"]}
+    (unit,) = result["look_alike"]
+    assert unit["unit"] == "dup-chain" and unit["items"] == 8 and unit["stratum"] == "good"
+    assert unit["share"] == 0.8 and "good-0" in unit["items_shown"]
+    assert validate_manifest(frame, fractions=FRACTIONS, stratify=["category"], group_items=8)["success"]
+    assert validate_manifest(frame, fractions=FRACTIONS, stratify=["category"], group_items=7, group_share=0.8)[
+        "success"
+    ]
+
+
+def test_a_stratum_off_target_passes_when_sticky_purposes_leave_the_split_no_better_choice() -> None:
+    frame = _train_item(clean())  # good: 18 of 20 train, 0.9 against 0.8
+    placed = np.zeros(len(frame), dtype=bool)  # nothing was the split's choice: earlier purposes, kept
+    assert validate_manifest(frame, fractions=FRACTIONS, stratify=["category"], placed=placed)["success"]
+    placed[frame.index[(frame[m.CATEGORY] == "good") & (frame[m.PURPOSE] == "train")][:4]] = True
+    result = validate_manifest(frame, fractions=FRACTIONS, stratify=["category"], placed=placed)
+    assert [f["expectation"] for f in result["failed"]] == ["expect_stratum_train_fraction_near_target"]
