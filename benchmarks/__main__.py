@@ -42,6 +42,7 @@ SIZES = {
         "incremental": 10_000,
         "near": (100_000, 10_000),
         "million": 1_000_000,
+        "new": 1000,
     },
     "quick": {
         "loader": 64,
@@ -51,6 +52,7 @@ SIZES = {
         "incremental": 100,
         "near": (5_000, 1_000),
         "million": 5_000,
+        "new": 50,
     },
 }
 
@@ -150,8 +152,8 @@ def main() -> None:
             print(f"near duplicates, cold: {size['million']:,} phashes ...", flush=True)
             results["near_duplicates_1m"] = daily.near_duplicates_1m_row(size["million"])
         if "daily_run_1m" in chosen:
-            print(f"daily run: {size['million']:,}-row parent + 1,000 new photographs ...", flush=True)
-            results["daily_run_1m"] = daily.daily_run_row(work, size["million"])
+            print(f"daily run: {size['million']:,}-row parent + {size['new']:,} new photographs ...", flush=True)
+            results["daily_run_1m"] = daily.daily_run_row(work, size["million"], size["new"])
         if "memory" in chosen:
             print(f"memory: {size['split']:,} rows split + validate + publish ...", flush=True)
             results["memory"] = curation.memory_row(size["split"])

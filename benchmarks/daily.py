@@ -134,17 +134,25 @@ def near_duplicates_row(count: int, subset: int) -> dict:
 
 
 NEAR_1M = """
-import resource, sys, time
-import numpy as np
-from benchmarks.daily import random_hashes
+import sys, time
+from benchmarks.daily import peak_rss, random_hashes
 from tasks.near import near_links
 hashes = random_hashes(int(sys.argv[1]))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_rss()
 start = time.perf_counter()
 left, right = near_links(hashes, int(sys.argv[2]))
 seconds = time.perf_counter() - start
-print(seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, base * 1024, len(left))
+print(seconds, peak_rss(), base, len(left))
 """
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (``VmHWM``: unlike ``ru_maxrss`` it does not count
+    what the parent held when it forked this process)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def near_duplicates_1m_row(count: int) -> dict:
@@ -323,6 +331,8 @@ sys.stderr.write(run.stdout + run.stderr)
 
 
 def daily_run_row(work: Path, rows: int, new: int = 1000) -> dict:
+    # The peak RSS is the curate process's, read by a small wrapper process: ru_maxrss of a process counts what
+    # its parent held when it forked it, and this benchmark process is large.
     """``strata curate`` of the parent's source with ``new`` real photographs added, in a fresh process."""
     source = source_tree(rows)
     root = work / "daily-manifests"

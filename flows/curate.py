@@ -92,10 +92,10 @@ def _plan_candidate(
     split = split_task(
         grouping.samples, options.split, options.seed, options.stratify, grouping.samples["unit"].to_numpy()
     )
-    placed = grouping.samples[m.PURPOSE].isna().to_numpy()  # the split's own choices, not sticky ones
-    if len(split.held_out):
-        placed = placed[~isin(grouping.samples[m.KEY], split.held_out[m.KEY])]
-    manifest = split.samples.drop(columns="unit")  # in key order: every stage keeps the order it was given
+    facts = {Candidate.PLACED: grouping.samples[m.PURPOSE].isna().to_numpy(), Candidate.KNOWN: grouping.known}
+    kept = slice(None) if split.held_out.empty else ~isin(grouping.samples[m.KEY], split.held_out[m.KEY])
+    # In key order: every stage keeps the order it was given.
+    manifest = split.samples.drop(columns="unit").assign(**{k: v[kept] for k, v in facts.items()})
     held = pd.concat([grouping.held, split.held_out.assign(detail=HELD_DETAIL)], ignore_index=True)
     rejects = pd.concat(
         [
@@ -106,7 +106,7 @@ def _plan_candidate(
         ignore_index=True,
     )
     changes = manifest_diff(parent.manifest, manifest)
-    moved = purpose_changes(manifest, parent.assignments, grouping.known)
+    moved = purpose_changes(manifest, parent.assignments, manifest[Candidate.KNOWN].to_numpy())
     return Candidate(
         manifest=manifest,
         rejects=rejects.sort_values(m.KEY, ignore_index=True)[list(m.REJECT_COLUMNS)],
@@ -114,10 +114,8 @@ def _plan_candidate(
         changes=changes,
         known=parent.assignments,
         ghost_groups=grouping.ghost_groups,
-        known_rows=grouping.known,
         cross=grouping.cross,
         held=held,
-        placed=placed,
     )
 
 

@@ -317,11 +317,22 @@ class Candidate:
     diff: dict[str, int]
     changes: pd.DataFrame  # per-key differences from the parent (``tasks.diff.manifest_diff``)
     known: pd.DataFrame = field(default_factory=assignments.empty)  # the parent's assignments
-    known_rows: np.ndarray | None = None  # per manifest row, its content's row in ``known`` (-1: new content)
     ghost_groups: pd.Series | None = None  # duplicate group of each content gone from the source, by md5
     cross: pd.DataFrame = field(default_factory=pd.DataFrame)  # cross-purpose links found (tasks.duplicates)
     held: pd.DataFrame = field(default_factory=pd.DataFrame)  # new rows held back: they would join two purposes
-    placed: np.ndarray | None = None  # per manifest row: placed by the split in this run (not sticky)
+
+    # Per-row facts the stages after the split use, kept as manifest columns (left out of the written file) so
+    # that they stay aligned with the rows whatever is done to them.
+    PLACED = "_placed"  # the split placed the row in this run (not a sticky purpose)
+    KNOWN = "_known"  # the row's content's row in ``known`` (-1: new content)
+
+    @property
+    def placed(self) -> np.ndarray | None:
+        return self.manifest[self.PLACED].to_numpy() if self.PLACED in self.manifest else None
+
+    @property
+    def known_rows(self) -> np.ndarray | None:
+        return self.manifest[self.KNOWN].to_numpy() if self.KNOWN in self.manifest else None
 
     @property
     def review(self) -> dict[str, int]:

@@ -127,6 +127,7 @@ def test_report_artifacts_can_be_read_back_through_the_client(tmp_path: Path, wr
         "vials-counts",
         "vials-diff",
         "vials-duplicates",
+        "vials-largest-groups",
         "vials-rejects",
         "vials-summary",
         "vials-sample-grid",
@@ -135,6 +136,8 @@ def test_report_artifacts_can_be_read_back_through_the_client(tmp_path: Path, wr
     assert counts["total"]["total"] == 26 and counts["good"]["total"] == 18
     diff = {row["category"]: row for row in json.loads(artifacts["vials-diff"].data)}
     assert diff["good"]["added"] == 18 and diff["bad_cap"]["added"] == 8
+    largest = json.loads(artifacts["vials-largest-groups"].data)
+    assert {row["rows"] for row in largest} == {2} and {row["items"] for row in largest} == {2}
     duplicates = {row["kind"]: row for row in json.loads(artifacts["vials-duplicates"].data)}
     assert duplicates["exact"]["groups"] == 1 and duplicates["exact"]["kept_whole"] == 1
     assert duplicates["near"]["groups"] == 1 and duplicates["near"]["samples"] == 2
