@@ -16,9 +16,16 @@ Submit = Callable[..., PrefectFuture]
 MAX_TASKS = 1000
 
 
-def chunk_size(objects: int, smallest: int) -> int:
-    """Objects per task: ``smallest``, or larger so that no run makes more than ``MAX_TASKS`` tasks."""
-    return max(smallest, -(-objects // MAX_TASKS))
+def chunk_size(objects: int, largest: int) -> int:
+    """Objects per task: ``largest``, or fewer so that a run makes at least ten (progress comes a tenth at a
+    time), or more so that it makes no more than ``MAX_TASKS``."""
+    return max(1, min(largest, -(-objects // 10)), -(-objects // MAX_TASKS))
+
+
+def in_flight(dask: str | None) -> int:
+    """How many inspect tasks a run keeps submitted at once: enough to keep every worker busy."""
+    cores = os.cpu_count() or 1
+    return 2 * cores if dask in (None, "", "local") else 64
 
 
 @contextmanager

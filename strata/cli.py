@@ -106,7 +106,14 @@ def _add_curate_options(parser: argparse.ArgumentParser) -> None:
         help="inspect on Dask: a scheduler address (tcp://host:8786; its workers need strata installed and "
         "PREFECT_API_URL set) or 'local' for a cluster of one process per core (default: threads in this process)",
     )
-    parser.add_argument("--quiet", action="store_true", help="print only the result, no progress logs")
+    parser.add_argument(
+        "--allow-unmatched",
+        action="store_true",
+        help="new keys the --uniqueness regex finds no item id in count as their own item (default: such keys "
+        "stop the run before anything is read)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print only the outcome and the counts, or the error")
+    parser.add_argument("--verbose", action="store_true", help="also print tracebacks of errors")
 
 
 def _options(args: argparse.Namespace) -> Any:
@@ -130,6 +137,7 @@ def _options(args: argparse.Namespace) -> Any:
             min_stratum=args.min_stratum,
             max_group_share=args.max_group_share,
             max_group_items=args.max_group_items,
+            allow_unmatched=args.allow_unmatched,
             storage_options=dict(args.storage_option),
             dask=args.dask,
         )
@@ -151,38 +159,87 @@ def _print_counts(counts: dict[str, dict[str, int]]) -> None:
 
 
 @contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for a block, and put back what was there after it."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
+def _console(quiet: bool, verbose: bool, restore: bool = True) -> Iterator[None]:
+    """What Prefect prints to the console during a run: everything (``verbose``), its log lines without
+    tracebacks (the default: an error is said once, on strata's own line), or nothing (``quiet``). Only the
+    console changes: the flow run's logs in the Prefect API keep every line and traceback."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    handlers = {
+        handler
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for handler in getattr(logger, "handlers", [])
+        if isinstance(handler, PrefectConsoleHandler)
+    }
+    saved = {handler: (handler.level, handler.formatter) for handler in handlers}
+    for handler in handlers:
+        if quiet:
+            handler.setLevel(logging.CRITICAL + 1)
+        elif not verbose:
+            handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
     try:
         yield
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        for handler, (level, formatter) in saved.items() if restore else ():
+            handler.setLevel(level)
+            handler.setFormatter(formatter)
+
+
+class _WithoutTraceback:
+    """A log formatter that leaves out a record's traceback and stack (for the console only)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def format(self, record: Any) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def _curate(source: str, dataset: str, manifests: str, args: argparse.Namespace) -> int:
     options = _options(args)
-    # --quiet holds for this run only (Prefect reads the level when it is first imported, and processes started
-    # during the run inherit it); leaking it would silence every later flow run and server of the process.
-    with _environment({"PREFECT_LOGGING_LEVEL": "WARNING"} if args.quiet else {}):
-        from flows.curate import curate_dataset
+    from flows.curate import curate_dataset
+    from strata import outcome as outcomes
 
-        summary = curate_dataset(source=source, dataset=dataset, manifest_root=manifests, options=options)
-    print(f"\n{summary.dataset}: {summary.message}")
+    with _console(args.quiet, args.verbose, getattr(args, "restore_console", True)):
+        state = curate_dataset(
+            source=source, dataset=dataset, manifest_root=manifests, options=options, return_state=True
+        )
+    result = state.result(raise_on_failure=False)
+    summary = getattr(result, "summary", None) if isinstance(result, BaseException) else result
+    if summary is None:  # the run failed with an error: say it once, on strata's line
+        raise (
+            result if isinstance(result, BaseException) else StrataError(f"the run ended {state.name}: {state.message}")
+        )
+    _print_summary(summary, args.quiet)
+    return outcomes.of(summary.outcome).exit_code
+
+
+def _print_summary(summary: Any, quiet: bool) -> None:
+    from strata import outcome as outcomes
+
+    outcome = outcomes.of(summary.outcome)
+    print(f"\n{summary.dataset}: {summary.outcome}: {summary.message}")
     if summary.version_uri:
         print(f"manifest: {summary.version_uri}/manifest.parquet")
-    if summary.diff:
-        print("diff vs parent: " + ", ".join(f"{k} {v}" for k, v in summary.diff.items()))
-    if summary.rejects:
-        print("rejects: " + ", ".join(f"{k} {v}" for k, v in summary.rejects.items()))
+    if outcome is not outcomes.PUBLISHED and outcome is not outcomes.UNCHANGED:
+        print(f"next: {outcome.next_step}")
+    if not quiet:
+        if summary.diff:
+            print("diff vs parent: " + ", ".join(f"{k} {v}" for k, v in summary.diff.items()))
+        if summary.rejects:
+            print("rejects: " + ", ".join(f"{k} {v}" for k, v in summary.rejects.items()))
     print("counts (category x purpose):")
     _print_counts(summary.counts)
-    return 0
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
@@ -334,17 +391,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``strata`` console script."""
+    """Entry point of the ``strata`` console script.
+
+    Exit codes: the run's outcome (``strata.outcome``: 0 published or unchanged, 2 failed validation, 3 needs
+    review), 1 for an error, said in one ``strata: error:`` line (its traceback with ``--verbose``).
+    """
     args = build_parser().parse_args(argv)
+    # Called as the console script, the console stays as the run set it up to the process's end (the temporary
+    # API server says it stops at exit); called in-process (tests, notebooks), it is put back after the run.
+    args.restore_console = argv is not None
     # The ephemeral API server would otherwise try to phone home, which fails noisily offline.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # A first run on a fresh machine migrates the ephemeral API's database; 20 s is too tight on 2 cores.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    verbose = getattr(args, "verbose", False)
     try:
         return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("strata: interrupted", file=sys.stderr)
+        return 130
     except StrataError as err:
+        if verbose:
+            raise
         print(f"strata: error: {err}", file=sys.stderr)
         return 1
+    except Exception as err:
+        if verbose:
+            raise
+        print(f"strata: error: {_describe(err)}", file=sys.stderr)
+        return 1
+
+
+def _describe(err: Exception) -> str:
+    """One line for an error strata did not raise itself: what, where, and what to do."""
+    import httpx
+
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, (httpx.HTTPError, ConnectionError)) or "Failed to reach API" in text:
+        url = os.environ.get("PREFECT_API_URL")
+        where = f"the Prefect API at {url}" if url else "the temporary Prefect API"
+        return (
+            f"cannot reach {where} ({type(err).__name__}: {text}). Start the server (prefect server start), "
+            "correct PREFECT_API_URL, or unset it to run on a temporary local API"
+        )
+    return f"{type(err).__name__}: {text} (run again with --verbose for the traceback)"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -11,6 +12,19 @@ from strata.storage import SECRET_OPTION_KEYS
 
 DEFAULT_MANIFEST_ROOT = "manifests"
 STRATIFY_COLUMNS = ("category", "folder", "format", "channels")
+# A dataset name is a folder under the manifest root and part of Prefect artifact keys (lowercase letters,
+# digits, dashes): one spelling that is valid as both.
+DATASET_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?$")
+
+
+def check_dataset_name(name: str) -> str:
+    """Raise ConfigError unless ``name`` is 1-64 lowercase letters, digits and dashes, not at either end."""
+    if not isinstance(name, str) or not DATASET_NAME.match(name):
+        raise ConfigError(
+            f"dataset name {name!r}: use 1-64 lowercase letters, digits and dashes (not first or last), "
+            "e.g. 'vials' or 'caps-line-2'"
+        )
+    return name
 
 
 class CurateOptions(BaseModel):
@@ -28,6 +42,9 @@ class CurateOptions(BaseModel):
         description=f"columns whose combinations are the strata: {', '.join(STRATIFY_COLUMNS)}",
     )
     uniqueness: str | None = Field(None, description="item id: regex on the key (first group), column names, or md5")
+    allow_unmatched: bool = Field(
+        False, description="new keys the uniqueness regex finds no item id in count as their own item (md5)"
+    )
     near_duplicates: int = Field(4, ge=-1, le=32, description="phash Hamming threshold; -1 turns near duplicates off")
     fraction_tolerance: float = Field(
         0.05, ge=0, le=1, description="largest accepted |train fraction - target| of a stratum (validation)"
@@ -42,7 +59,12 @@ class CurateOptions(BaseModel):
     )
     max_group_items: int = Field(10, ge=1, description="see max_group_share")
     max_pixels: int = Field(100_000_000, gt=0, description="larger images are rejected as too_large")
-    chunk_size: int = Field(256, gt=0, le=100_000, description="objects per inspect task (at least 1/1000 of them)")
+    chunk_size: int = Field(
+        256,
+        gt=0,
+        le=100_000,
+        description="objects per inspect task at most (fewer in small runs, more past 1,000 tasks)",
+    )
     dask: str | None = Field(
         None,
         description="Dask scheduler address (tcp://host:8786) for the inspect stage, or 'local' for a LocalCluster",
@@ -57,6 +79,23 @@ class CurateOptions(BaseModel):
         from tasks.split import check_fractions
 
         check_fractions(value)
+        return value
+
+    @field_validator("uniqueness")
+    @classmethod
+    def _uniqueness(cls, value: str | None) -> str | None:
+        from loader.manifest import COLUMNS, MD5
+
+        if not value or value == MD5 or all(part.strip() in COLUMNS for part in value.split(",")):
+            return value
+        try:
+            pattern = re.compile(value)
+        except re.error as err:
+            raise ConfigError(
+                f"--uniqueness {value!r} is neither manifest column names nor a valid regular expression: {err}"
+            ) from err
+        if pattern.groups < 1:
+            raise ConfigError(f"--uniqueness regex {value!r} needs a capture group for the item id, e.g. '(\\d+)_'")
         return value
 
     @field_validator("stratify")
@@ -80,4 +119,4 @@ class CurateOptions(BaseModel):
 
     def recorded(self) -> dict[str, Any]:
         """The parameters written into ``manifest.json`` (what decides the content)."""
-        return self.model_dump(exclude={"chunk_size", "dask", "storage_options"})
+        return self.model_dump(exclude={"chunk_size", "dask", "storage_options", "allow_unmatched"})

@@ -10,6 +10,7 @@ __all__ = [
     "IntegrityError",
     "CommitConflict",
     "ValidationFailed",
+    "NeedsReview",
     "ImageError",
 ]
 
@@ -43,7 +44,19 @@ class CommitConflict(StrataError):
 
 
 class ValidationFailed(StrataError):
-    """The candidate manifest failed its checks; nothing was published."""
+    """The candidate manifest failed its checks; nothing was published. ``summary``: the run's, when known."""
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class NeedsReview(StrataError):
+    """The run held images or links back for a person (published or not: see ``summary``)."""
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class ImageError(StrataError):

@@ -306,6 +306,30 @@ def _examples(result: Any) -> list[Any]:
     return [_plain(e) for e in examples[:5]]
 
 
+def _describe(
+    failure: Mapping[str, Any], frames: Mapping[str, pd.DataFrame], tolerance: float, share: float, items: int
+) -> str:
+    """A failed expectation in words, with the numbers that failed it, their target and tolerance."""
+    name, column, count = failure["expectation"], failure["column"], failure["unexpected_count"]
+    if name == "expect_stratum_train_fraction_near_target":
+        strata = frames["strata"]
+        off = strata[strata["excess"] > tolerance].head(3)
+        named = ", ".join(
+            f"{row.stratum} {row.train_fraction:.3f} ({row.rows} samples)" for row in off.itertuples(index=False)
+        )
+        target = float(strata["target"].iloc[0]) if len(strata) else 0.0
+        return f"{name}: train fraction of stratum {named}; target {target:g} +- {tolerance:g}"
+    if name == "expect_no_look_alike_unit":
+        return f"{name}: {count} split unit(s) join more than {items} items and more than {share:.0%} of their stratum"
+    if name == "expect_no_content_to_change_purpose":
+        moved = ", ".join(f"{e[m.KEY]} {e['purpose_before']} -> {e['purpose_after']}" for e in failure["examples"][:3])
+        return f"{name}: {count} content(s) would change purpose, e.g. {moved}"
+    examples = failure["examples"][:2]
+    where = f"({column})" if column else ""
+    counted = f" {count} row(s)," if count is not None else ""
+    return f"{name}{where}:{counted} e.g. {examples}"
+
+
 def _moved(result: Any, history: pd.DataFrame, manifest: pd.DataFrame) -> list[dict[str, Any]]:
     """A failed purpose check's examples, by key: the content, its purpose before and the one proposed."""
     indices = (result.result or {}).get("partial_unexpected_index_list") or []
@@ -410,10 +434,12 @@ def validate_manifest(
                     "error": (item.exception_info or {}).get("exception_message"),
                 }
             )
+    for failure in failed:
+        failure["description"] = _describe(failure, frames, tolerance, group_share, group_items)
     summary = (
         f"all {evaluated} expectations met"
         if not failed
-        else "failed: " + "; ".join(f"{f['expectation']}({f['column'] or ''}) e.g. {f['examples'][:2]}" for f in failed)
+        else f"{len(failed)} of {evaluated} expectations failed: " + "; ".join(f["description"] for f in failed)
     )
     look_alike = []
     for row in units[(units["share"] > group_share) & (units["items"] > group_items)].head(20).to_dict("records"):

@@ -339,6 +339,10 @@ class Candidate:
         """What a person should look at: rows held back, and cross-purpose links found in this run."""
         return {"held_back": len(self.held), "cross_purpose_links": len(self.cross)}
 
+    @property
+    def needs_review(self) -> bool:
+        return any(self.review.values())
+
 
 @dataclass(frozen=True)
 class Serialized:

@@ -1,23 +1,43 @@
-"""Stage 8, report: what the run did, as a summary for the CLI and as Prefect artifacts for the UI."""
+"""Stage 8, report: what the run did, as a summary for the CLI and as Prefect artifacts for the UI.
+
+Every run hands one :class:`Result` here (its outcome from ``strata.outcome``, and what it planned); the
+summary and the artifacts are built from it, whatever the outcome. Artifact keys are
+``<dataset>-<root digest>-<what>``: one dataset name under two manifest roots keeps two histories.
+"""
 
 from __future__ import annotations
 
-import io
+import hashlib
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import fsspec
 import pandas as pd
-from PIL import Image, ImageDraw, ImageFont
 from prefect import get_run_logger
-from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel
 
 from loader import manifest as m
-from strata.storage import naming
-from tasks.diff import Parent, purpose_moved
+from strata import outcome as outcomes
+from tasks.diff import Parent
+from tasks.grid import markdown as grid_markdown
 from tasks.listing import Listing
 from tasks.policy import stage
 from tasks.publish import Candidate, Store, counts_by_purpose
+
+SHOWN = 20  # files an artifact lists per kind of change, before "and N more"
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a run ended, and what it planned on the way (the report's one input)."""
+
+    outcome: outcomes.Outcome
+    parent: Parent
+    candidate: Candidate | None = None
+    validation: Mapping[str, Any] | None = None
+    published: tuple[int, str, bytes] | None = None  # version, its URI, the sample grid PNG
+    rejected_at: str | None = None  # where a failed validation's result was kept
+    advice: str = ""  # what to do, when validation held the run
 
 
 class CurateSummary(BaseModel):
@@ -25,21 +45,24 @@ class CurateSummary(BaseModel):
 
     dataset: str
     dataset_uri: str
+    outcome: str  # a strata.outcome name: Published, Unchanged, Needs review, Failed validation
     published: bool
-    version: int | None
+    version: int | None  # the version published, or the latest one
     version_uri: str | None
     parent_version: int | None
     message: str
     counts: dict[str, dict[str, int]]
     rejects: dict[str, int]
+    new_rejects: dict[str, int]
     diff: dict[str, int]
+    review: dict[str, int]
     validation: dict[str, Any] | None = None
 
 
-def artifact_key(dataset: str, what: str) -> str:
-    """A stable artifact key: lowercase letters, digits and dashes (what the Artifacts page requires)."""
-    cleaned = "".join(c if c.isalnum() else "-" for c in f"{dataset}-{what}".lower())
-    return "-".join(filter(None, cleaned.split("-")))
+def artifact_key(dataset_uri: str, dataset: str, what: str) -> str:
+    """``<dataset>-<8 hex digits of the dataset's URI>-<what>``: lowercase letters, digits and dashes."""
+    digest = hashlib.sha256(dataset_uri.encode()).hexdigest()[:8]
+    return f"{dataset}-{digest}-{what}"
 
 
 def counts_table(counts: Mapping[str, Mapping[str, int]]) -> pd.DataFrame:
@@ -53,28 +76,64 @@ def counts_table(counts: Mapping[str, Mapping[str, int]]) -> pd.DataFrame:
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    """A DataFrame as a GitHub markdown table."""
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    """A DataFrame as a GitHub markdown table (cells with ``|`` escaped)."""
+
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    header = "| " + " | ".join(map(cell, frame.columns)) + " |"
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
-    body = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    body = ["| " + " | ".join(map(cell, row)) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *body])
 
 
 def diff_table(changes: pd.DataFrame) -> pd.DataFrame:
-    """Added, removed and changed samples per category, and how many kept keys changed purpose.
+    """Added, removed, changed and moved samples per category.
 
     Args:
         changes: a ``manifest_diff`` against the parent.
 
     Returns:
-        Columns: category, added, removed, changed, purpose_changed.
+        Columns: category, added, removed, changed, moved (no row when nothing changed).
     """
-    table = pd.crosstab(changes[m.CATEGORY], changes["change"]).reindex(
-        columns=["added", "removed", "changed"], fill_value=0
+    kinds = ["added", "removed", "changed", "moved"]
+    table = pd.crosstab(changes[m.CATEGORY], changes["change"]).reindex(columns=kinds, fill_value=0)
+    return table.rename_axis(m.CATEGORY).reset_index().astype({c: int for c in kinds})
+
+
+def diff_markdown(changes: pd.DataFrame, parent_version: int | None, shown: int = SHOWN) -> str:
+    """The diff by category, and the files of each kind of change (the first ``shown``, then a count)."""
+    if changes.empty:
+        return f"No sample added, removed, changed or moved since version {parent_version}."
+    lines = [markdown_table(diff_table(changes)), ""]
+    for kind in ("added", "removed", "changed", "moved"):
+        rows = changes[changes["change"] == kind]
+        if rows.empty:
+            continue
+        lines += [f"**{kind}** ({len(rows)})", ""]
+        for row in rows.head(shown).itertuples(index=False):
+            purpose = row.purpose_after if kind != "removed" else row.purpose_before
+            source = f" (from `{row.from_key}`)" if kind == "moved" else ""
+            lines.append(f"- `{row.key}`{source}: {row.category}, {purpose}")
+        if len(rows) > shown:
+            lines.append(f"- ... and {len(rows) - shown} more")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def rejects_table(rejects: pd.DataFrame) -> pd.DataFrame:
+    """Rejects by reason, new in this run apart from those carried over (columns: reason, new, carried,
+    examples)."""
+    new = rejects["new"] if "new" in rejects else pd.Series(False, index=rejects.index)
+    table = pd.DataFrame(
+        {
+            "new": rejects[new.to_numpy()].groupby(m.REASON).size(),
+            "carried": rejects[~new.to_numpy()].groupby(m.REASON).size(),
+        }
     )
-    moved = changes[purpose_moved(changes)]
-    table["purpose_changed"] = moved.groupby(m.CATEGORY).size().reindex(table.index, fill_value=0)
-    return table.rename_axis(m.CATEGORY).reset_index().astype({c: int for c in table.columns})
+    table = table.fillna(0).astype(int)
+    shown = rejects.groupby(m.REASON)[m.KEY].agg(lambda k: ", ".join(k.head(3)))
+    return table.assign(examples=shown).rename_axis(m.REASON).reset_index()
 
 
 def duplicates_table(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -82,27 +141,26 @@ def duplicates_table(manifest: pd.DataFrame) -> pd.DataFrame:
     contents with close phashes). A group holding both counts in both rows.
 
     Columns: kind, groups, samples (the rows that are exact copies, or all rows of near groups), kept_whole
-    (groups spanning several items, which an item-wise split could have cut across purposes and which were
-    assigned as one unit), examples.
+    (groups spanning several items, assigned to one purpose as a unit), examples (the first three groups).
     """
     grouped = manifest.dropna(subset=[m.DUPLICATE_GROUP])
     copies = grouped[grouped.duplicated(m.MD5, keep=False)]
     by_group = grouped.groupby(m.DUPLICATE_GROUP)
     spans_items = by_group[m.UNIQUE_ID].nunique() > 1
     near = by_group[m.MD5].nunique() > 1
-    examples = by_group[m.KEY].apply(lambda keys: " = ".join(sorted(keys)[:3]))
     rows = []
     for kind, groups, samples in (
         ("exact", pd.Index(copies[m.DUPLICATE_GROUP].unique()), len(copies)),
         ("near", near[near].index, int(by_group.size()[near].sum())),
     ):
+        first = grouped[grouped[m.DUPLICATE_GROUP].isin(groups[:3])].groupby(m.DUPLICATE_GROUP)[m.KEY]
         rows.append(
             {
                 "kind": kind,
                 "groups": len(groups),
                 "samples": int(samples),
                 "kept_whole": int(spans_items.reindex(groups).sum()),
-                "examples": "; ".join(examples.reindex(groups).head(3)),
+                "examples": "; ".join(first.agg(lambda keys: " = ".join(sorted(keys)[:3]))),
             }
         )
     return pd.DataFrame(rows)
@@ -130,11 +188,27 @@ def largest_groups(manifest: pd.DataFrame, count: int = 10) -> pd.DataFrame:
 
 
 def review_markdown(
-    held: pd.DataFrame, cross: pd.DataFrame, look_alike: Sequence[Mapping[str, Any]], shown: int = 50
+    held: pd.DataFrame,
+    cross: pd.DataFrame,
+    look_alike: Sequence[Mapping[str, Any]],
+    legacy: pd.DataFrame | None = None,
+    shown: int = 50,
 ) -> str:
-    """What a person should look at, and how to resolve it: images held back, cross-purpose links, and
-    look-alike units (empty when there is nothing)."""
+    """What a person should look at, and how to resolve it: images held back, cross-purpose links, look-alike
+    units, and what versions from before recorded assignments let move (empty when there is nothing)."""
     lines: list[str] = []
+    if legacy is not None and len(legacy):
+        lines += [
+            f"## {len(legacy)} purpose move(s) in versions written before assignments were recorded",
+            "",
+            "Those versions carried purposes by key: this content changed purpose between them, or this item "
+            "ended up in two purposes. The parent version's purposes stand from now on (a split item's parts "
+            "became items `<id>@<purpose>`); check whether a model evaluated on those versions saw its own "
+            "training data.",
+            "",
+            markdown_table(legacy.head(shown)),
+            "",
+        ]
     if len(held):
         lines += [
             f"## {len(held)} new image(s) held back (reason purpose_conflict)",
@@ -169,87 +243,41 @@ def review_markdown(
             "",
             markdown_table(pd.DataFrame(list(look_alike))),
         ]
-    return "\n".join(lines)
+    return "\n".join(lines).strip()
 
 
-def grid_samples(manifest: pd.DataFrame, per_cell: int = 4) -> pd.DataFrame:
-    """Up to ``per_cell`` rows per (category, purpose), spread evenly over the keys: the sample grid's cells."""
-    picks = []
-    for _, cell in manifest.sort_values(m.KEY).groupby([m.CATEGORY, m.PURPOSE], sort=True):
-        step = max(1, len(cell) // per_cell)
-        picks.append(cell.iloc[::step].head(per_cell))
-    return pd.concat(picks, ignore_index=True) if picks else manifest.iloc[0:0]
-
-
-def sample_grid(cells: Sequence[tuple[str, Sequence[bytes | None]]], thumb: int = 96) -> bytes:
-    """A PNG: one row per labelled cell, its images as thumbnails (a grey square where bytes are missing)."""
-    columns = max((len(images) for _, images in cells), default=1)
-    label_width = 160
-    canvas = Image.new("RGB", (label_width + columns * (thumb + 4), max(1, len(cells)) * (thumb + 4)), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for row, (label, images) in enumerate(cells):
-        top = row * (thumb + 4)
-        draw.text((4, top + thumb // 2 - 6), label, fill="black", font=font)
-        for column, data in enumerate(images):
-            tile = Image.new("RGB", (thumb, thumb), (200, 200, 200))
-            if data is not None:
-                try:
-                    with Image.open(io.BytesIO(data)) as image:
-                        image.seek(0)
-                        image.draft("RGB", (thumb, thumb))
-                        tile = image.convert("RGB")
-                        tile.thumbnail((thumb, thumb))
-                except OSError:
-                    pass  # a file that cannot be shown stays a grey square; the grid is for people
-            canvas.paste(tile, (label_width + column * (thumb + 4), top))
-    buffer = io.BytesIO()
-    canvas.save(buffer, "PNG", optimize=True)
-    return buffer.getvalue()
-
-
-@stage("report")
-def grid_task(fs: fsspec.AbstractFileSystem, manifest: pd.DataFrame, per_cell: int = 4) -> bytes:
-    """Read a few images per category and purpose and draw the sample grid (Prefect task)."""
-    picks = grid_samples(manifest, per_cell)
-    cells: list[tuple[str, list[bytes | None]]] = []
-    for (category, purpose), cell in picks.groupby([m.CATEGORY, m.PURPOSE], sort=True):
-        images: list[bytes | None] = []
-        for path in cell[m.PATH]:
-            try:
-                with naming("report", path):
-                    images.append(fs.cat_file(fs._strip_protocol(path)))
-            except FileNotFoundError:
-                images.append(None)
-        cells.append((f"{category} / {purpose}", images))
-    return sample_grid(cells)
-
-
-def summarize(
-    store: Store,
-    parent: Parent,
-    published: tuple[int, str] | None,
-    candidate: Candidate | None,
-    validation: Mapping[str, Any] | None,
-    no_change: bool,
-) -> CurateSummary:
+def summarize(store: Store, result: Result) -> CurateSummary:
     """Build the run summary (pure)."""
-    shown = candidate.manifest if candidate is not None and not no_change else parent.manifest
-    rejects = candidate.rejects if candidate is not None and not no_change else parent.rejects
+    parent, candidate = result.parent, result.candidate
     dataset = store.dataset_path.rstrip("/").rsplit("/", 1)[-1]
-    if no_change:
+    changed = candidate is not None and result.outcome is not outcomes.UNCHANGED
+    shown = candidate.manifest if changed else parent.manifest
+    rejects = candidate.rejects if changed else parent.rejects
+    new = rejects[rejects["new"]] if "new" in rejects else rejects.iloc[0:0]
+    published = result.published
+    if published is not None:
+        message = f"published version {published[0]} at {published[1]}"
+    elif result.outcome is outcomes.UNCHANGED:
         message = (
             f"no change since version {parent.version}: nothing published"
             if parent.version is not None
             else "nothing to publish"
         )
-    elif published is not None:
-        message = f"published version {published[0]} at {published[1]}"
     else:
-        message = "validation failed: nothing published"
+        reason = result.advice or (result.validation or {}).get("summary", "")
+        message = "nothing published" + (f"; {reason}" if reason else "")
+    review = candidate.review if changed else {}
+    if result.outcome is outcomes.NEEDS_REVIEW and published is not None:
+        parts = [f"{v} {k.replace('_', ' ')}" for k, v in review.items() if v]
+        if len(parent.moved):
+            parts.append(f"{len(parent.moved)} purpose moves in versions before assignments")
+        message += "; needs review: " + ", ".join(parts)
+    if result.rejected_at:
+        message += f" (validation result kept at {result.rejected_at})"
     return CurateSummary(
         dataset=dataset,
         dataset_uri=store.uri,
+        outcome=result.outcome.name,
         published=published is not None,
         version=published[0] if published else parent.version,
         version_uri=published[1] if published else None,
@@ -257,102 +285,98 @@ def summarize(
         message=message,
         counts=counts_by_purpose(shown) if len(shown) else {},
         rejects={str(k): int(v) for k, v in rejects[m.REASON].value_counts().sort_index().items()},
-        diff=dict(candidate.diff) if candidate is not None and not no_change else {},
-        validation=dict(validation) if validation is not None else None,
+        new_rejects={str(k): int(v) for k, v in new[m.REASON].value_counts().sort_index().items()},
+        diff=dict(candidate.diff) if changed else {},
+        review=review,
+        validation=dict(result.validation) if result.validation is not None else None,
     )
 
 
-def summary_markdown(summary: CurateSummary, parameters: Mapping[str, Any]) -> str:
-    """The run summary as markdown for the Prefect UI."""
-    lines = [f"# {summary.dataset}: {summary.message}", ""]
+def summary_markdown(summary: CurateSummary, result: Result, parameters: Mapping[str, Any]) -> str:
+    """The run summary as markdown for the Prefect UI: outcome and what to do, then the details."""
+    outcome = outcomes.of(summary.outcome)
+    lines = [f"# {summary.dataset}: {summary.outcome}", "", summary.message, ""]
+    if outcome is not outcomes.PUBLISHED and outcome is not outcomes.UNCHANGED:
+        lines += [f"**Next:** {outcome.next_step}", ""]
     if summary.version_uri:
-        lines += [
-            f"- manifest: `{summary.version_uri}/{m.MANIFEST_FILE}`",
-            f"- sample grid: `{summary.version_uri}/{m.GRID_FILE}`",
-        ]
-    lines += [f"- version: {summary.version} (parent {summary.parent_version})", f"- parameters: `{dict(parameters)}`"]
+        lines += [f"- manifest: `{summary.version_uri}/{m.MANIFEST_FILE}`"]
+    lines += [f"- version: {summary.version} (parent {summary.parent_version})"]
     if summary.validation is not None:
-        lines += [
-            f"- validation: {'passed' if summary.validation['success'] else 'FAILED'}: {summary.validation['summary']}"
-        ]
+        verdict = "passed" if summary.validation["success"] else "FAILED"
+        lines += [f"- validation: {verdict}: {summary.validation['summary']}"]
     if summary.diff:
         lines += ["- diff: " + ", ".join(f"{k} {v}" for k, v in summary.diff.items())]
     if summary.rejects:
-        lines += ["- rejects: " + ", ".join(f"{k} {v}" for k, v in summary.rejects.items())]
+        carried = {k: v - summary.new_rejects.get(k, 0) for k, v in summary.rejects.items()}
+        lines += [
+            "- rejects, new in this run: " + (", ".join(f"{k} {v}" for k, v in summary.new_rejects.items()) or "none"),
+            "- rejects carried over: " + (", ".join(f"{k} {v}" for k, v in carried.items() if v) or "none"),
+        ]
     if summary.counts:
         lines += ["", markdown_table(counts_table(summary.counts).reset_index())]
+    lines += ["", "## Parameters", "", markdown_table(_parameters_table(parameters))]
+    if result.published is not None:
+        lines += ["", "## Sample grid", "", grid_markdown(result.published[2], f"{summary.dataset} v{summary.version}")]
     return "\n".join(lines)
 
 
+def _parameters_table(parameters: Mapping[str, Any]) -> pd.DataFrame:
+    return pd.DataFrame({"parameter": list(parameters), "value": [str(v) for v in parameters.values()]})
+
+
 @stage("report", storage=False)
-def report_task(
-    store: Store,
-    parent: Parent,
-    published: tuple[int, str] | None,
-    candidate: Candidate | None,
-    listing: Listing,
-    *,
-    parameters: Mapping[str, Any],
-    no_change: bool = False,
-    validation: Mapping[str, Any] | None = None,
-) -> CurateSummary:
-    """Summarize the run and publish its artifacts (Prefect task)."""
-    summary = summarize(store, parent, published, candidate, validation, no_change)
-    dataset = summary.dataset
+def report_task(store: Store, result: Result, listing: Listing, *, parameters: Mapping[str, Any]) -> CurateSummary:
+    """Summarize the run and publish its artifacts on the flow run (Prefect task)."""
+    summary = summarize(store, result)
+    dataset, candidate = summary.dataset, result.candidate
+
+    def key(what: str) -> str:
+        return artifact_key(store.uri, dataset, what)
+
     if summary.counts:
-        table = counts_table(summary.counts).reset_index()
         create_table_artifact(
-            table=table.to_dict(orient="records"),
-            key=artifact_key(dataset, "counts"),
+            table=counts_table(summary.counts).reset_index().to_dict(orient="records"),
+            key=key("counts"),
             description=f"{dataset}: samples per category and purpose",
         )
-    if candidate is not None and not no_change:
-        changes = diff_table(candidate.changes)
-        create_table_artifact(
-            table=changes.to_dict(orient="records") or [{"category": "none", "added": 0}],
-            key=artifact_key(dataset, "diff"),
-            description=f"{dataset}: samples added, removed and changed since version {parent.version}, by category",
+    if candidate is not None and result.outcome is not outcomes.UNCHANGED:
+        create_markdown_artifact(
+            markdown=f"# {dataset}: changes since version {result.parent.version}\n\n"
+            + diff_markdown(candidate.changes, result.parent.version),
+            key=key("diff"),
+            description=f"{dataset}: samples added, removed, changed and moved since version {result.parent.version}",
         )
         create_table_artifact(
             table=duplicates_table(candidate.manifest).to_dict(orient="records"),
-            key=artifact_key(dataset, "duplicates"),
+            key=key("duplicates"),
             description=f"{dataset}: duplicate groups (exact = same bytes, near = similar phash); kept_whole = "
             "groups spanning several items, assigned to one purpose as a unit",
         )
         create_table_artifact(
             table=largest_groups(candidate.manifest).to_dict(orient="records")
             or [{m.DUPLICATE_GROUP: "none", "rows": 0}],
-            key=artifact_key(dataset, "largest-groups"),
+            key=key("largest-groups"),
             description=f"{dataset}: the largest duplicate groups (look-alike photos chaining together show first)",
         )
-        review = review_markdown(candidate.held, candidate.cross, (validation or {}).get("look_alike") or [])
+        create_table_artifact(
+            table=rejects_table(candidate.rejects).to_dict(orient="records")
+            or [{"reason": "none", "new": 0, "carried": 0}],
+            key=key("rejects"),
+            description=f"{dataset}: rejected objects by reason, new in this run and carried over",
+        )
+        review = review_markdown(
+            candidate.held, candidate.cross, (result.validation or {}).get("look_alike") or [], result.parent.moved
+        )
         if review:
             create_markdown_artifact(
                 markdown=f"# {dataset}: to review\n\n{review}",
-                key=artifact_key(dataset, "review"),
+                key=key("review"),
                 description=f"{dataset}: images held back, cross-purpose links and look-alike units",
             )
-        rejects = candidate.rejects
-        examples = rejects.groupby(m.REASON)[m.KEY].apply(lambda k: ", ".join(k.head(3)))
-        rows = [
-            {"reason": reason, "count": int(count), "examples": examples[reason]}
-            for reason, count in rejects[m.REASON].value_counts().sort_index().items()
-        ]
-        create_table_artifact(
-            table=rows or [{"reason": "none", "count": 0, "examples": ""}],
-            key=artifact_key(dataset, "rejects"),
-            description=f"{dataset}: rejected objects by reason",
-        )
-    if published is not None:
-        create_image_artifact(
-            image_url=f"{published[1]}/{m.GRID_FILE}",
-            key=artifact_key(dataset, "sample-grid"),
-            description=f"{dataset} version {published[0]}: a few images per category and purpose",
-        )
     create_markdown_artifact(
-        markdown=summary_markdown(summary, parameters),
-        key=artifact_key(dataset, "summary"),
-        description=f"{dataset}: curation run summary",
+        markdown=summary_markdown(summary, result, parameters),
+        key=key("summary"),
+        description=f"{dataset}: {summary.outcome}: {summary.message}",
     )
-    get_run_logger().info("report: %s", summary.message)
+    get_run_logger().info("report: %s: %s", summary.outcome, summary.message)
     return summary

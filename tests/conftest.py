@@ -95,6 +95,17 @@ def run_artifacts(flow_run_id: Any) -> dict[str, Any]:
     return {a.key: a for a in found}
 
 
+def artifact(artifacts: dict[str, Any], what: str) -> Any:
+    """The one artifact of a kind among a run's (keys are ``<dataset>-<root digest>-<what>``)."""
+    (found,) = [a for key, a in artifacts.items() if key.rsplit("-", 1)[-1] == what or key.endswith(f"-{what}")]
+    return found
+
+
+def kinds(artifacts: dict[str, Any]) -> set[str]:
+    """The kinds of a run's artifacts: their keys without ``<dataset>-<root digest>-``."""
+    return {key.split("-", 2)[2] for key in artifacts}
+
+
 def log_records(flow_run_id: Any) -> list[tuple[Any, str]]:
     """A flow run's log records that have reached the API so far, as (timestamp, message), oldest first."""
     from prefect.client.orchestration import get_client

@@ -31,7 +31,7 @@ from flows.runners import chunk_size
 from loader import manifest as m
 from strata.config import CurateOptions
 from strata.deployments import limit_name
-from tests.conftest import _free_port, encode, log_records, picture, run_artifacts, run_logs
+from tests.conftest import _free_port, artifact, encode, kinds, log_records, picture, run_artifacts, run_logs
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -159,22 +159,22 @@ def test_deployed_runs_publish_new_data_and_skip_unchanged(worker: None, tmp_pat
     first = _trigger(source, root)
     assert first.state.is_completed(), first.state
     artifacts = run_artifacts(first.id)
-    assert {"vials-summary", "vials-counts", "vials-diff", "vials-sample-grid"} <= set(artifacts)
-    assert "published version 1" in artifacts["vials-summary"].data
+    assert {"summary", "counts", "diff", "inspect"} <= kinds(artifacts)
+    assert "published version 1" in artifact(artifacts, "summary").data
     assert [c["version"] for c in _committed(root)] == [1]
 
     shutil.copyfile(source / "good" / "1_0.jpg", source / "good" / "100_0.jpg")  # an exact duplicate
     _picture(source / "bad_cap" / "101_0.jpg", 7)  # a new item
     second = _trigger(source, root)
     assert second.state.is_completed(), second.state
-    assert "published version 2" in run_artifacts(second.id)["vials-summary"].data
+    assert "published version 2" in artifact(run_artifacts(second.id), "summary").data
     versions = _committed(root)
     assert [(c["version"], c["parent_version"]) for c in versions] == [(1, None), (2, 1)]
     assert versions[1]["diff"]["added"] == 2 and versions[1]["diff"]["purpose_changed"] == 0
 
     third = _trigger(source, root)
     assert third.state.is_completed(), third.state
-    assert "no change since version 2" in run_artifacts(third.id)["vials-summary"].data
+    assert "no change since version 2" in artifact(run_artifacts(third.id), "summary").data
     assert len(_committed(root)) == 2
     assert any("acquired" in line for line in run_logs(third.id)), run_logs(third.id)
 
@@ -263,5 +263,5 @@ def test_dask_runner_gives_the_same_manifest_bytes(tmp_path: Path) -> None:
 
 
 def test_chunks_stay_few_at_scale() -> None:
-    assert chunk_size(10, 256) == 256
+    assert chunk_size(10, 256) == 1 and chunk_size(3000, 256) == 256  # ten tasks at least: progress by tenths
     assert chunk_size(1_000_000, 256) == 1000  # 1,000 tasks, not 3,907 (or one per object)

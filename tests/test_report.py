@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 from pathlib import Path
@@ -17,7 +18,7 @@ from loader import manifest as m
 from strata.cli import main
 from strata.config import CurateOptions
 from strata.errors import ValidationFailed
-from tests.conftest import encode, picture, run_artifacts
+from tests.conftest import artifact, encode, kinds, picture, run_artifacts
 
 UNIQUENESS = r"(\d+)_\d+\.\w+$"
 
@@ -43,7 +44,8 @@ def test_failed_validation_publishes_nothing_and_keeps_the_result(
     strict = CurateOptions(fraction_tolerance=0.0, min_stratum=1)  # no stratum hits 0.8 exactly
     with pytest.raises(ValidationFailed, match="expect_stratum_train_fraction_near_target") as failure:
         curate_dataset(source=str(tmp_path / "src"), dataset="d", manifest_root=str(root), options=strict)
-    assert "nothing was published" in str(failure.value) and "_rejected" in str(failure.value)
+    assert "nothing published" in str(failure.value) and "_rejected" in str(failure.value)
+    assert "target 0.8 +- 0" in str(failure.value)  # the numbers that failed, with target and tolerance
     assert m.committed_versions(fsspec.filesystem("file"), str(root / "d")) == [1]
     assert not (root / "d" / "v000002").exists()
     assert json.loads((root / "d" / m.LATEST_FILE).read_text())["version"] == 1
@@ -123,31 +125,30 @@ def test_report_artifacts_can_be_read_back_through_the_client(tmp_path: Path, wr
     )
     summary = state.result()
     artifacts = run_artifacts(state.state_details.flow_run_id)
-    assert set(artifacts) == {
-        "vials-counts",
-        "vials-diff",
-        "vials-duplicates",
-        "vials-largest-groups",
-        "vials-rejects",
-        "vials-summary",
-        "vials-sample-grid",
-    }
-    counts = {row["category"]: row for row in json.loads(artifacts["vials-counts"].data)}
+    assert kinds(artifacts) == {"counts", "diff", "duplicates", "largest-groups", "rejects", "summary", "inspect"}
+    assert len({key.rsplit("-", 1)[0] for key in artifacts if not key.endswith("largest-groups")}) == 1
+    counts = {row["category"]: row for row in json.loads(artifact(artifacts, "counts").data)}
     assert counts["total"]["total"] == 26 and counts["good"]["total"] == 18
-    diff = {row["category"]: row for row in json.loads(artifacts["vials-diff"].data)}
-    assert diff["good"]["added"] == 18 and diff["bad_cap"]["added"] == 8
-    largest = json.loads(artifacts["vials-largest-groups"].data)
+    diff = artifact(artifacts, "diff").data
+    assert "| good | 18 | 0 | 0 | 0 |" in diff and "| bad_cap | 8 | 0 | 0 | 0 |" in diff
+    assert "**added** (26)" in diff and "- `bad_cap/0_0.png`: bad_cap, " in diff and "... and 6 more" in diff
+    largest = json.loads(artifact(artifacts, "largest-groups").data)
     assert {row["rows"] for row in largest} == {2} and {row["items"] for row in largest} == {2}
-    duplicates = {row["kind"]: row for row in json.loads(artifacts["vials-duplicates"].data)}
+    duplicates = {row["kind"]: row for row in json.loads(artifact(artifacts, "duplicates").data)}
     assert duplicates["exact"]["groups"] == 1 and duplicates["exact"]["kept_whole"] == 1
     assert duplicates["near"]["groups"] == 1 and duplicates["near"]["samples"] == 2
-    rejects = json.loads(artifacts["vials-rejects"].data)
+    rejects = json.loads(artifact(artifacts, "rejects").data)
     assert rejects[0]["reason"] in ("truncated", "unreadable") and "good/950_0.jpg" in rejects[0]["examples"]
-    markdown = artifacts["vials-summary"].data
+    assert (rejects[0]["new"], rejects[0]["carried"]) == (1, 0)
+    markdown = artifact(artifacts, "summary").data
+    assert markdown.startswith("# vials: Published") and "| uniqueness |" in markdown  # parameters, a table
     assert f"{summary.version_uri}/{m.MANIFEST_FILE}" in markdown and "validation: passed" in markdown
-    grid_url = artifacts["vials-sample-grid"].data
-    assert grid_url == f"{summary.version_uri}/{m.GRID_FILE}"
-    with fsspec.open(grid_url, "rb") as handle:
+    assert "rejects, new in this run: truncated 1" in markdown or "rejects, new in this run: unreadable 1" in markdown
+    # The grid is in the summary itself (a browser cannot open file:// or private bucket URLs) and in the version.
+    inline = markdown.split("(data:image/png;base64,", 1)[1].split(")", 1)[0]
+    with Image.open(io.BytesIO(base64.b64decode(inline))) as image:
+        assert image.width > 100 and image.height > 50
+    with fsspec.open(f"{summary.version_uri}/{m.GRID_FILE}", "rb") as handle:
         grid = handle.read()
     assert grid.startswith(b"\x89PNG")
     with Image.open(io.BytesIO(grid)) as image:
