@@ -20,6 +20,7 @@ from strata.config import DEFAULT_MANIFEST_ROOT, CurateOptions
 from strata.deployments import limit_name
 from strata.errors import CommitConflict, ValidationFailed
 from strata.storage import open_url
+from tasks.commit_guard import guard_task
 from tasks.diff import Parent, diff_task, isin, load_parent_task, manifest_diff, purpose_moved
 from tasks.duplicates import duplicates_task
 from tasks.expectations import validate_task
@@ -119,12 +120,12 @@ def curate_dataset(
         manifest_root: where manifests live (fsspec URL or local path).
         options: split, seed, stratification, uniqueness and duplicate settings.
     """
-    with _dataset_turn(dataset):
-        return _curate(source, dataset, manifest_root, options)
+    with _dataset_turn(dataset) as held_limit:
+        return _curate(source, dataset, manifest_root, options, held_limit)
 
 
 @contextmanager
-def _dataset_turn(dataset: str) -> Iterator[None]:
+def _dataset_turn(dataset: str) -> Iterator[str | None]:
     """Hold the dataset's concurrency slot for the whole run (waiting for a running one), if the limit exists."""
     logger = get_run_logger()
     name = limit_name(dataset)
@@ -135,20 +136,23 @@ def _dataset_turn(dataset: str) -> Iterator[None]:
             name = None
     if name is None:
         logger.info("no concurrency limit for %r: runs are not serialized (deploying or serving creates it)", dataset)
-        yield
+        yield None
         return
     started = time.monotonic()
     logger.info("waiting for concurrency limit %r (one run of %r at a time)", name, dataset)
     with concurrency(name, occupy=1, strict=True):
         logger.info("concurrency limit %r acquired after %.1f s", name, time.monotonic() - started)
-        yield
+        yield name
 
 
-def _curate(source: str, dataset: str, manifest_root: str, options: CurateOptions) -> CurateSummary:
+def _curate(
+    source: str, dataset: str, manifest_root: str, options: CurateOptions, held_limit: str | None
+) -> CurateSummary:
     logger = get_run_logger()
     source_fs, source_root = open_url(source, options.storage_options)
     store_fs, root_path = open_url(manifest_root, options.storage_options)
     store = Store(store_fs, f"{root_path.rstrip('/')}/{dataset}")
+    store = guard_task(store, dataset, options.commit_guard, held_limit, str(flow_run.id))
     source_uri = source_fs.unstrip_protocol(source_root)
     listing = list_task(source_fs, source_root, source_uri)
     recorded = options.recorded()

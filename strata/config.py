@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -11,6 +11,10 @@ from strata.storage import SECRET_OPTION_KEYS
 
 DEFAULT_MANIFEST_ROOT = "manifests"
 STRATIFY_COLUMNS = ("category", "folder", "format", "channels")
+# What makes a commit exclusive (docs/storage.md): the store's conditional writes (proved by a probe every
+# run), or, for a store without them and only by explicit opt-in, the dataset's Prefect concurrency limit.
+EXCLUSIVE_CREATE = "exclusive-create"
+CONCURRENCY_LIMIT = "concurrency-limit"
 
 
 class CurateOptions(BaseModel):
@@ -42,6 +46,11 @@ class CurateOptions(BaseModel):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options without credentials (endpoint_url, region)"
     )
+    commit_guard: Literal["exclusive-create", "concurrency-limit"] = Field(
+        EXCLUSIVE_CREATE,
+        description="concurrency-limit: publish to a store without conditional writes, serialized by the "
+        "dataset's Prefect global concurrency limit (which must exist); recorded in manifest.json",
+    )
 
     @field_validator("split")
     @classmethod
@@ -72,4 +81,4 @@ class CurateOptions(BaseModel):
 
     def recorded(self) -> dict[str, Any]:
         """The parameters written into ``manifest.json`` (what decides the content)."""
-        return self.model_dump(exclude={"chunk_size", "dask", "storage_options"})
+        return self.model_dump(exclude={"chunk_size", "dask", "storage_options", "commit_guard"})

@@ -18,7 +18,7 @@ from prefect import get_run_logger
 
 from loader import manifest as m
 from strata.errors import SourceError
-from strata.storage import naming, object_uri
+from strata.storage import naming, object_uris
 from tasks.policy import stage
 
 IMAGE_EXTENSIONS = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".jpe", ".gif", ".tif", ".tiff", ".webp"})
@@ -84,7 +84,6 @@ def listing_frame(fs: fsspec.AbstractFileSystem, root: str, entries: Mapping[str
             continue
         rows.append(
             (
-                object_uri(fs, name),
                 key,
                 posixpath.dirname(key),
                 category,
@@ -93,7 +92,8 @@ def listing_frame(fs: fsspec.AbstractFileSystem, root: str, entries: Mapping[str
                 _mtime(info),
             )
         )
-    frame = pd.DataFrame(rows, columns=list(LISTING_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(LISTING_COLUMNS[1:]))
+    frame.insert(0, m.PATH, pd.Series(object_uris(fs, root, frame[m.KEY]), dtype=frame[m.KEY].dtype))
     frame[m.SIZE] = frame[m.SIZE].astype("int64")
     frame[m.MTIME] = pd.to_datetime(frame[m.MTIME], utc=True).astype("datetime64[us, UTC]")
     frame = frame.sort_values(m.KEY, kind="stable", ignore_index=True)

@@ -13,7 +13,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from pydantic import BaseModel
 
 from loader import manifest as m
-from strata.storage import naming
+from strata.storage import naming, uri_path
 from tasks.diff import Parent, purpose_moved
 from tasks.listing import Listing
 from tasks.policy import stage
@@ -154,7 +154,7 @@ def grid_task(fs: fsspec.AbstractFileSystem, manifest: pd.DataFrame, per_cell: i
         for path in cell[m.PATH]:
             try:
                 with naming("report", path):
-                    images.append(fs.cat_file(fs._strip_protocol(path)))
+                    images.append(fs.cat_file(uri_path(fs, path)))
             except FileNotFoundError:
                 images.append(None)
         cells.append((f"{category} / {purpose}", images))
