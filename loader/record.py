@@ -87,9 +87,9 @@ def parse_record(data: bytes, where: str, number: int, schema_version: int) -> d
     except (ValueError, UnicodeDecodeError) as err:
         raise IntegrityError(f"{where} is not valid JSON; the version is damaged: {RECOVERY}") from err
     if not isinstance(record, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(record), "a number")
         raise IntegrityError(
-            f"{where} holds a JSON {type(record).__name__}, not the object a commit record is; "
-            f"the version is damaged: {RECOVERY}"
+            f"{where} holds {kind}, not the object a commit record is; the version is damaged: {RECOVERY}"
         )
     found = record.get("schema_version")
     if found != schema_version:
