@@ -94,6 +94,7 @@ def test_the_probe_tells_stores_that_honour_exclusive_create_and_leaves_nothing(
 def _upload_images(fs: Any, prefix: str, keys: list[str]) -> dict[str, bytes]:
     images = {key: encode(picture(seed), "png") for seed, key in enumerate(keys)}
     for key, data in images.items():
+        fs.makedirs(f"{prefix}/{key}".rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(f"{prefix}/{key}", data)
     return images
 
@@ -238,3 +239,43 @@ def test_manifest_json_records_the_encoding_and_the_guard(tmp_path: Path, write_
     assert m.read_manifest(str(tmp_path / "m" / "d"))[m.PATH].tolist() == [
         (tmp_path / "src" / "good").as_uri() + "/1%20%231.png"
     ]
+
+
+@pytest.mark.parametrize("kind", ["local", "moto"])
+def test_the_manifests_own_uris_read_back_by_pyarrow_and_duckdb(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    import duckdb
+
+    if kind == "moto":
+        fs, source = request.getfixturevalue("s3"), f"s3://{BUCKET}/src"
+        images = _upload_images(fs, f"{BUCKET}/src", ODD_KEYS)
+    else:
+        fs, source = fsspec.filesystem("file"), str(tmp_path / "src dir#1")
+        images = _upload_images(fs, source, ODD_KEYS)
+    curate_dataset(source=source, dataset="d", manifest_root=str(tmp_path / "m"))
+    parquet = str(tmp_path / "m" / "d" / "v000001" / m.MANIFEST_FILE)
+    frame = m.read_manifest(str(tmp_path / "m" / "d")).set_index(m.KEY)
+    assert sorted(frame.index) == sorted(ODD_KEYS)
+
+    # pyarrow's URI parser resolves each URI to its object (s3: endpoint options as URI query parameters).
+    query = ""
+    if kind == "moto":
+        endpoint = fs.client_kwargs.get("endpoint_url") or request.getfixturevalue("moto_server")
+        query = f"?endpoint_override={endpoint.removeprefix('http://')}&scheme=http&region=us-east-1"
+    for key, uri in frame[m.PATH].items():
+        parsed, path = pafs.FileSystem.from_uri(uri + query)
+        with parsed.open_input_stream(path) as stream:
+            assert stream.read() == images[key], (kind, key, uri)
+
+    # DuckDB reads the manifest, decodes its URIs with its own url_decode and reads the objects they name.
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
+    if kind == "moto":
+        con.register_filesystem(fs)  # DuckDB's S3 support is an extension it would download
+    rows = con.execute("SELECT key, md5, url_decode(path) FROM read_parquet(?)", [parquet]).fetchall()
+    locations = {location: (key, md5) for key, md5, location in rows}
+    blobs = con.execute("SELECT filename, md5(content) FROM read_blob(?)", [sorted(locations)]).fetchall()
+    named = {location.removeprefix("file://"): sample for location, sample in locations.items()}
+    read = {named[filename.removeprefix("file://")]: digest for filename, digest in blobs}  # DuckDB drops file://
+    assert sorted(read) == sorted((k, md5) for k, md5, _ in rows)
+    assert all(md5 == digest for (_, md5), digest in read.items())
