@@ -163,8 +163,10 @@ def _curate(source: str, dataset: str, manifests: str, args: argparse.Namespace)
     # during the run inherit it); leaking it would silence every later flow run and server of the process.
     with _environment({"PREFECT_LOGGING_LEVEL": "WARNING"} if args.quiet else {}):
         from flows.curate import curate_dataset
+        from strata.servers import temporary_servers
 
-        summary = curate_dataset(source=source, dataset=dataset, manifest_root=manifests, options=options)
+        with temporary_servers():  # a killed run's temporary API server is stopped by the next run
+            summary = curate_dataset(source=source, dataset=dataset, manifest_root=manifests, options=options)
     print(f"\n{summary.dataset}: {summary.message}")
     if summary.version_uri:
         print(f"manifest: {summary.version_uri}/manifest.parquet")
