@@ -53,9 +53,12 @@ def honours_exclusive_create(store: Store, run_id: str) -> bool:
     probe = replace(store, guard=EXCLUSIVE_CREATE)  # the store's own conditional create, whatever the run chose
     with naming("probe", store.fs.unstrip_protocol(path)):
         store.fs.makedirs(store.dataset_path, exist_ok=True)
-        _create(probe, path, body)
     try:
-        _create(probe, path, body)
+        _create(probe, path, body, stage="probe")
+    except FileExistsError:
+        pass  # the name is random: only a retry of this very request (its reply lost) can have created it
+    try:
+        _create(probe, path, body, stage="probe")
         honoured = False
     except FileExistsError:
         honoured = True

@@ -107,7 +107,7 @@ def commit_record(
     }
 
 
-def _create(store: Store, path: str, data: bytes) -> None:
+def _create(store: Store, path: str, data: bytes, stage: str = "publish") -> None:
     """Exclusive create: FileExistsError when the object exists (local, memory and S3 alike).
 
     On S3 one conditional PUT (``If-None-Match: *``) is atomic. Locally the bytes go to a temporary file
@@ -116,7 +116,7 @@ def _create(store: Store, path: str, data: bytes) -> None:
     that the object is absent comes first (no other run writes meanwhile: they wait for the limit).
     """
     fs = store.fs
-    with naming("publish", fs.unstrip_protocol(path)):
+    with naming(stage, fs.unstrip_protocol(path)):
         if isinstance(fs, LocalFileSystem):
             temporary = f"{path}.{uuid.uuid4().hex}.tmp"
             with open(temporary, "wb") as handle:
