@@ -6,7 +6,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
@@ -26,6 +26,7 @@ from strata.config import DEFAULT_MANIFEST_ROOT, CurateOptions
 from strata.deployments import limit_name
 from strata.errors import CommitConflict, NeedsReview, ValidationFailed
 from tasks.checks import Places, check_task, uniqueness_task
+from tasks.commit_guard import guard_task
 from tasks.diff import (
     LISTED,
     Parent,
@@ -74,7 +75,9 @@ def curate_dataset(
     """
     places = check_task(source, dataset, manifest_root, options)
     _tag_run(dataset)
-    with _dataset_turn(dataset):
+    with _dataset_turn(dataset) as held_limit:
+        store = guard_task(places.store, dataset, options.commit_guard, held_limit, str(flow_run.id))
+        places = replace(places, store=store)
         import_in_background()
         listing = list_task(places.source_fs, places.source_root, places.source_uri)
         result = _with_replan(lambda inspector: _attempt(places, listing, options, inspector))
@@ -322,8 +325,9 @@ def _same_content(candidate: Candidate, parent: Parent) -> bool:
 
 
 @contextmanager
-def _dataset_turn(dataset: str) -> Iterator[None]:
-    """Hold the dataset's concurrency slot for the whole run (waiting for a running one), if the limit exists."""
+def _dataset_turn(dataset: str) -> Iterator[str | None]:
+    """Hold the dataset's concurrency slot for the whole run (waiting for a running one), if the limit exists;
+    yields the limit's name, or None."""
     logger = get_run_logger()
     name = limit_name(dataset)
     with get_client(sync_client=True) as client:
@@ -333,13 +337,13 @@ def _dataset_turn(dataset: str) -> Iterator[None]:
             name = None
     if name is None:
         logger.info("no concurrency limit for %r: runs are not serialized (deploying or serving creates it)", dataset)
-        yield
+        yield None
         return
     started = time.monotonic()
     logger.info("waiting for concurrency limit %r (one run of %r at a time)", name, dataset)
     with concurrency(name, occupy=1, strict=True):
         logger.info("concurrency limit %r acquired after %.1f s", name, time.monotonic() - started)
-        yield
+        yield name
 
 
 def _tag_run(dataset: str) -> None:

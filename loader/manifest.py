@@ -12,13 +12,17 @@ Layout of a dataset root (see DESIGN section 2)::
                             /manifest.json      <- written last, exclusive create: the commit
     <root>/<dataset>/LATEST                     <- {"version": N, "sha256": ...}, a hint
     <root>/<dataset>/_rejected/<run id>/validation.json   <- a candidate that failed validation
+    <root>/<dataset>/_damaged/v000003/...       <- a damaged version a person moved aside (never read)
+
+A committed version is checked whole before anything trusts it: ``manifest.json`` must be a commit record
+of the expected schema (``loader.record``) naming its directory's version, and every file it records a
+checksum of must match it, with the row count and counts it records.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -26,12 +30,18 @@ from typing import Any, Mapping
 import fsspec
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from loader.record import RECOVERY, nested_counts, parse_record
 from strata.errors import IntegrityError, ManifestError
-from strata.storage import open_url
+from strata.storage import decode_uris, open_url
 
 SCHEMA_VERSION = 1
+# How ``path`` URIs are written (``manifest.json`` records it): RFC 3986 percent-encoding of every character
+# of the key but unreserved ones and "/". A record without ``path_encoding`` predates it: its paths are
+# fsspec URLs as written, never percent-decoded.
+PATH_ENCODING = "rfc3986"
 
 # Manifest columns (schema version 1).
 PATH = "path"
@@ -139,6 +149,7 @@ CLAIM_FILE = "_claim.json"
 LATEST_FILE = "LATEST"
 GRID_FILE = "sample_grid.png"  # a few images per category and purpose, for people
 REJECTED_DIR = "_rejected"  # <dataset>/_rejected/<run id>/validation.json: candidates that failed validation
+DAMAGED_DIR = "_damaged"  # <dataset>/_damaged/v000003/: damaged versions moved aside; their numbers stay used
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 
 
@@ -201,6 +212,11 @@ def version_numbers(fs: fsspec.AbstractFileSystem, dataset_path: str) -> list[in
         if match:
             numbers.append(int(match.group(1)))
     return sorted(numbers)
+
+
+def damaged_versions(fs: fsspec.AbstractFileSystem, dataset_path: str) -> list[int]:
+    """Version numbers a person moved aside under ``_damaged/``: never read, and never given to a new version."""
+    return version_numbers(fs, f"{dataset_path}/{DAMAGED_DIR}")
 
 
 def committed_versions(fs: fsspec.AbstractFileSystem, dataset_path: str) -> list[int]:
@@ -268,82 +284,132 @@ def open_version(
             )
             raise ManifestError(f"version {number} of {dataset_uri} {state}; committed versions: {known or 'none'}")
     path = f"{dataset_path}/{version_dir(number)}/{COMMIT_FILE}"
-    try:
-        info = json.loads(fs.cat_file(path))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise IntegrityError(f"{fs.unstrip_protocol(path)} is not valid JSON; the version is damaged") from err
-    schema_version = info.get("schema_version")
-    if schema_version != SCHEMA_VERSION:
+    info = parse_record(fs.cat_file(path), fs.unstrip_protocol(path), number, SCHEMA_VERSION)
+    encoding = info.get("path_encoding")
+    if encoding not in (None, PATH_ENCODING):
         raise ManifestError(
-            f"{fs.unstrip_protocol(path)} has schema_version {schema_version!r}; this strata reads "
-            f"version {SCHEMA_VERSION}: upgrade strata or re-curate the dataset"
+            f"{fs.unstrip_protocol(path)} records path_encoding {encoding!r}; this strata reads "
+            f"{PATH_ENCODING!r}: upgrade strata"
         )
     return Version(fs=fs, dataset_path=dataset_path, number=number, info=info)
 
 
+def _read(version: Version, name: str) -> bytes:
+    try:
+        return version.fs.cat_file(version.file(name))
+    except FileNotFoundError as err:
+        raise IntegrityError(f"{version.uri} is committed but {name} is missing: {RECOVERY}") from err
+
+
+def _check_sha256(version: Version, name: str, data: bytes, field: str) -> None:
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != version.info[field]:
+        raise IntegrityError(
+            f"{version.fs.unstrip_protocol(version.file(name))} does not match its manifest.json: sha256 {digest}, "
+            f"recorded {version.info[field]}. The version was modified after its commit; do not train on it: "
+            + RECOVERY
+        )
+
+
+def _mismatch(version: Version, name: str, what: str, found: Any, recorded: Any) -> IntegrityError:
+    return IntegrityError(
+        f"{version.fs.unstrip_protocol(version.file(name))} holds {what} {found}, its manifest.json records "
+        f"{recorded}: {RECOVERY}"
+    )
+
+
+def counts_of(table: pa.Table) -> dict[str, dict[str, int]]:
+    """Rows per purpose and category of a manifest table, as ``manifest.json`` records them."""
+    grouped = table.group_by([PURPOSE, CATEGORY]).aggregate([([], "count_all")]).to_pydict()
+    keys = zip(grouped[PURPOSE], grouped[CATEGORY], strict=True)
+    return nested_counts(dict(zip(keys, grouped["count_all"], strict=True)))
+
+
 def read_table(version: Version, verify: bool = True) -> pa.Table:
-    """Read a version's manifest table, checking its sha256 against ``manifest.json``.
+    """Read a version's manifest table, checking the version whole.
+
+    With ``verify`` (the default): the Parquet bytes match the recorded sha256, and their row count and
+    counts (purpose x category) the recorded ones; the rejects file (and the assignments file, when the
+    record names one) match theirs too (``check_files``).
 
     Raises:
-        IntegrityError: the Parquet bytes do not match the recorded checksum or schema.
+        IntegrityError: a file is missing, or does not match the record's checksum, schema, rows or counts.
     """
     path = version.file(MANIFEST_FILE)
-    try:
-        data = version.fs.cat_file(path)
-    except FileNotFoundError as err:
-        raise IntegrityError(f"{version.uri} is committed but {MANIFEST_FILE} is missing") from err
+    data = _read(version, MANIFEST_FILE)
     if verify:
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != version.info.get("sha256"):
-            raise IntegrityError(
-                f"{version.fs.unstrip_protocol(path)} does not match its manifest.json: sha256 {digest}, "
-                f"recorded {version.info.get('sha256')}. The version was modified after its commit; "
-                "do not train on it, and restore it from a backup or re-curate"
-            )
+        _check_sha256(version, MANIFEST_FILE, data, "sha256")
     table = pq.read_table(io.BytesIO(data))
     if not table.schema.equals(MANIFEST_SCHEMA, check_metadata=False):
         raise IntegrityError(f"{version.fs.unstrip_protocol(path)} does not carry manifest schema v{SCHEMA_VERSION}")
-    return table
-
-
-def read_assignments(version: Version) -> pa.Table | None:
-    """Read a version's assignments, checking them against ``manifest.json``; None for a version written
-    before assignments were recorded (its history has to be rebuilt from every committed version).
-
-    Raises:
-        IntegrityError: the file is missing, or does not match its recorded checksum, row count or schema.
-    """
-    recorded = version.info.get("assignments_sha256")
-    if recorded is None:
-        return None
-    path = version.file(ASSIGNMENTS_FILE)
-    try:
-        data = version.fs.cat_file(path)
-    except FileNotFoundError as err:
-        raise IntegrityError(f"{version.uri} is committed but {ASSIGNMENTS_FILE} is missing") from err
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != recorded:
-        raise IntegrityError(
-            f"{version.fs.unstrip_protocol(path)} does not match its manifest.json: sha256 {digest}, recorded "
-            f"{recorded}. The version was modified after its commit: restore it from a backup"
-        )
-    table = pq.read_table(io.BytesIO(data))
-    if not table.schema.equals(ASSIGNMENTS_SCHEMA, check_metadata=False):
-        raise IntegrityError(f"{version.fs.unstrip_protocol(path)} does not carry the assignments schema")
-    if table.num_rows != version.info.get("assignments_rows"):
-        raise IntegrityError(
-            f"{version.fs.unstrip_protocol(path)} holds {table.num_rows} rows, manifest.json records "
-            f"{version.info.get('assignments_rows')}: restore the version from a backup"
-        )
+    if verify:
+        if table.num_rows != version.info["rows"]:
+            raise _mismatch(version, MANIFEST_FILE, "rows:", table.num_rows, version.info["rows"])
+        counts = counts_of(table)
+        if counts != version.info["counts"]:
+            raise _mismatch(version, MANIFEST_FILE, "counts", counts, version.info["counts"])
+        check_files(version)
     return table
 
 
 def read_rejects(version: Version) -> pa.Table:
-    """Read a version's rejects table (empty when the file is absent)."""
-    path = version.file(REJECTS_FILE)
-    if not version.fs.exists(path):
-        return REJECTS_SCHEMA.empty_table()
-    return pq.read_table(io.BytesIO(version.fs.cat_file(path)))
+    """Read a version's rejects table, checked against its sha256 and the counts per reason it records."""
+    data = _read(version, REJECTS_FILE)
+    _check_sha256(version, REJECTS_FILE, data, "rejects_sha256")
+    table = pq.read_table(io.BytesIO(data))
+    reasons = pc.value_counts(table[REASON]).to_pylist() if table.num_rows else []
+    found = {str(r["values"]): int(r["counts"]) for r in reasons}
+    if found != version.info["rejects"]:
+        raise _mismatch(version, REJECTS_FILE, "rejects", found, version.info["rejects"])
+    return table
+
+
+def check_files(version: Version) -> None:
+    """Check a version's other recorded files: the rejects file, and the assignments file where the record
+    names one (versions written before assignments were recorded have none).
+
+    Raises:
+        IntegrityError: a file is missing or does not match its recorded checksum or row count.
+    """
+    read_rejects(version)
+    if version.info.get("assignments_sha256"):
+        data = _read(version, ASSIGNMENTS_FILE)
+        _check_sha256(version, ASSIGNMENTS_FILE, data, "assignments_sha256")
+        rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+        if rows != version.info.get("assignments_rows"):
+            raise _mismatch(version, ASSIGNMENTS_FILE, "rows:", rows, version.info.get("assignments_rows"))
+
+
+def read_assignments(version: Version, verify: bool = True) -> pa.Table | None:
+    """Read a version's assignments (``ASSIGNMENTS_SCHEMA``); None for a version written before they were
+    recorded, whose history has to be rebuilt from every committed version.
+
+    Args:
+        verify: check the bytes against the recorded sha256 and rows (``read_table`` has done so already
+            when it checked the version whole).
+
+    Raises:
+        IntegrityError: the file is missing, or does not match its record or the schema.
+    """
+    if not version.info.get("assignments_sha256"):
+        return None
+    data = _read(version, ASSIGNMENTS_FILE)
+    if verify:
+        _check_sha256(version, ASSIGNMENTS_FILE, data, "assignments_sha256")
+    table = pq.read_table(io.BytesIO(data))
+    if not table.schema.equals(ASSIGNMENTS_SCHEMA, check_metadata=False):
+        raise IntegrityError(
+            f"{version.fs.unstrip_protocol(version.file(ASSIGNMENTS_FILE))} does not carry the assignments schema"
+        )
+    if table.num_rows != version.info.get("assignments_rows"):
+        raise _mismatch(version, ASSIGNMENTS_FILE, "rows:", table.num_rows, version.info.get("assignments_rows"))
+    return table
+
+
+def object_locations(version: Version, uris: Any) -> list[str]:
+    """The fsspec URLs of a version's ``path`` URIs: percent-decoded where its record says they are encoded
+    (fsspec does not decode), as written where the version predates the encoding."""
+    return decode_uris(uris) if version.info.get("path_encoding") == PATH_ENCODING else list(uris)
 
 
 def read_manifest(

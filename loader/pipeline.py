@@ -136,11 +136,12 @@ def from_manifest(
         return sampling.plain(owned, seed, shuffle, first_epoch)
 
     draws(0)  # fail here, not at the first batch, when the sampler cannot work (too few classes)
-    image_fs, _ = open_url(rows[m.PATH].iloc[0], storage_options)
+    locations = m.object_locations(resolved, rows[m.PATH])  # fsspec URLs: fsspec does not percent-decode
+    image_fs, _ = open_url(locations[0], storage_options)
     remote = not isinstance(image_fs, LocalFileSystem)
     reader = Reader(
         image_fs,
-        [image_fs._strip_protocol(p) for p in rows[m.PATH]],
+        [image_fs._strip_protocol(p) for p in locations],
         rows[m.PATH].tolist(),
         rows[m.MD5].tolist(),
         rows[m.SIZE].tolist(),

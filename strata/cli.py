@@ -107,6 +107,14 @@ def _add_curate_options(parser: argparse.ArgumentParser) -> None:
         "PREFECT_API_URL set) or 'local' for a cluster of one process per core (default: threads in this process)",
     )
     parser.add_argument(
+        "--commit-guard",
+        choices=("exclusive-create", "concurrency-limit"),
+        default="exclusive-create",
+        help="what keeps two runs from writing one version: the store's conditional writes (default; every run "
+        "first proves the store honours them), or concurrency-limit, for a store without them: runs of the "
+        "dataset are serialized by its Prefect global concurrency limit, which must exist (see docs/storage.md)",
+    )
+    parser.add_argument(
         "--allow-unmatched",
         action="store_true",
         help="new keys the --uniqueness regex finds no item id in count as their own item (default: such keys "
@@ -140,6 +148,7 @@ def _options(args: argparse.Namespace) -> Any:
             allow_unmatched=args.allow_unmatched,
             storage_options=dict(args.storage_option),
             dask=args.dask,
+            commit_guard=args.commit_guard,
         )
     except ValidationError as err:
         problems = "; ".join(
@@ -209,8 +218,10 @@ def _curate(source: str, dataset: str, manifests: str, args: argparse.Namespace)
     options = _options(args)
     from flows.curate import curate_dataset
     from strata import outcome as outcomes
+    from strata.servers import temporary_servers
 
-    with _console(args.quiet, args.verbose, getattr(args, "restore_console", True)):
+    with _console(args.quiet, args.verbose, getattr(args, "restore_console", True)), temporary_servers():
+        # temporary_servers: a killed run's temporary API server is stopped by the next run
         state = curate_dataset(
             source=source, dataset=dataset, manifest_root=manifests, options=options, return_state=True
         )
@@ -255,11 +266,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from loader.manifest import open_version
+    from loader.manifest import open_version, read_table
 
     version = open_version(
         args.dataset, args.version if args.version is not None else "latest", dict(args.storage_option)
     )
+    read_table(version)  # the version checked whole, as the loader and curation check it, before showing it
     info = version.info
     print(f"{info['dataset']} version {info['version']} (parent {info['parent_version']}), {info['created_at']}")
     print(f"  uri:        {version.uri}")
@@ -270,6 +282,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"  validation: {'passed' if validation.get('success') else 'FAILED'}: {validation.get('summary', '')}")
     print(f"  parameters: {json.dumps(info['parameters'], sort_keys=True)}")
     print(f"  flow run:   {info.get('flow_run_id')}")
+    print(f"  commit:     {info.get('commit_guard') or 'not recorded (written before strata recorded it)'}")
     print("counts (category x purpose):")
     _print_counts(info["counts"])
     return 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -25,6 +25,12 @@ def check_dataset_name(name: str) -> str:
             "e.g. 'vials' or 'caps-line-2'"
         )
     return name
+
+
+# What makes a commit exclusive (docs/storage.md): the store's conditional writes (proved by a probe every
+# run), or, for a store without them and only by explicit opt-in, the dataset's Prefect concurrency limit.
+EXCLUSIVE_CREATE = "exclusive-create"
+CONCURRENCY_LIMIT = "concurrency-limit"
 
 
 class CurateOptions(BaseModel):
@@ -71,6 +77,11 @@ class CurateOptions(BaseModel):
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options without credentials (endpoint_url, region)"
+    )
+    commit_guard: Literal["exclusive-create", "concurrency-limit"] = Field(
+        EXCLUSIVE_CREATE,
+        description="concurrency-limit: publish to a store without conditional writes, serialized by the "
+        "dataset's Prefect global concurrency limit (which must exist); recorded in manifest.json",
     )
 
     @field_validator("split")
@@ -119,4 +130,4 @@ class CurateOptions(BaseModel):
 
     def recorded(self) -> dict[str, Any]:
         """The parameters written into ``manifest.json`` (what decides the content)."""
-        return self.model_dump(exclude={"chunk_size", "dask", "storage_options", "allow_unmatched"})
+        return self.model_dump(exclude={"chunk_size", "dask", "storage_options", "allow_unmatched", "commit_guard"})

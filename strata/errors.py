@@ -8,6 +8,8 @@ __all__ = [
     "SourceError",
     "ManifestError",
     "IntegrityError",
+    "StorageError",
+    "UnsafeStore",
     "CommitConflict",
     "ValidationFailed",
     "NeedsReview",
@@ -37,6 +39,10 @@ class IntegrityError(ManifestError):
 
 class StorageError(StrataError):
     """A storage request kept failing (after retries, when transient) or was refused; names stage and object."""
+
+
+class UnsafeStore(StorageError):
+    """The manifest store does not honour exclusive create, and no documented alternative was opted into."""
 
 
 class CommitConflict(StrataError):

@@ -6,16 +6,31 @@ Everything here is protocol-agnostic: local paths, ``file://``, ``s3://`` and ``
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Mapping
+from urllib.parse import quote, unquote
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 from fsspec.core import url_to_fs
 
 from strata.errors import StorageError, StrataError
 
-__all__ = ["open_url", "object_uri", "is_transient", "naming", "SECRET_OPTION_KEYS"]
+__all__ = [
+    "encode_keys",
+    "open_url",
+    "object_uri",
+    "object_uris",
+    "encode_uri",
+    "decode_uri",
+    "decode_uris",
+    "uri_path",
+    "is_transient",
+    "naming",
+    "SECRET_OPTION_KEYS",
+]
 
 # Storage options that carry credentials: never accepted as flow parameters, never logged.
 SECRET_OPTION_KEYS = frozenset(
@@ -39,9 +54,58 @@ def open_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tupl
     return fs, path.rstrip("/") if path not in ("/", "") else path
 
 
+# A key keeps RFC 3986's unreserved characters and "/" (its segment separator) in a URI; every other
+# character, reserved ones ("#", "?", "%", ...), spaces and non-ASCII, is percent-encoded as UTF-8, so that a
+# URI parser resolves the object the key names (fsspec itself neither encodes nor decodes).
+_UNSAFE = r"[^A-Za-z0-9._~/-]"
+
+
+def encode_uri(uri: str) -> str:
+    """Percent-encode everything after ``scheme://`` but unreserved characters and ``/``."""
+    scheme, sep, rest = uri.partition("://")
+    return f"{scheme}{sep}{quote(rest, safe='/')}" if sep else quote(uri, safe="/")
+
+
+def decode_uri(uri: str) -> str:
+    """The fsspec URL of an encoded URI (percent-escapes decoded)."""
+    return unquote(uri, errors="strict") if "%" in uri else uri
+
+
 def object_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    """The full URI of an object: ``s3://bucket/key``, ``file:///abs/path``, ``memory:///path``."""
-    return fs.unstrip_protocol(path)
+    """The full, percent-encoded URI of an object: ``s3://bucket/key``, ``file:///abs/path``, ``memory:///path``."""
+    return encode_uri(fs.unstrip_protocol(path))
+
+
+def _quote_some(values: pa.Array, pattern: str, convert: Any) -> pa.Array:
+    """Apply ``convert`` to the values that match ``pattern`` only: most keys need no change, and finding
+    the few that do in Arrow keeps a million keys out of Python."""
+    hits = pc.match_substring_regex(values, pattern)
+    if not pc.any(hits).as_py():
+        return values
+    changed = [convert(v) for v in pc.filter(values, hits).to_pylist()]
+    return pc.replace_with_mask(values, hits, pa.array(changed, type=pa.string()))
+
+
+def encode_keys(keys: Iterable[str]) -> pa.Array:
+    """Keys percent-encoded as URI paths (everything but unreserved characters and ``/``), vectorized."""
+    return _quote_some(pa.array(keys, type=pa.string()), _UNSAFE, lambda key: quote(key, safe="/"))
+
+
+def object_uris(fs: fsspec.AbstractFileSystem, root: str, keys: Iterable[str]) -> pa.Array:
+    """The percent-encoded URIs of ``root/key`` for many keys: equal to ``object_uri`` of each, vectorized."""
+    prefix = object_uri(fs, root)
+    prefix = prefix if prefix.endswith("/") else prefix + "/"
+    return pc.binary_join_element_wise(prefix, encode_keys(keys), "")
+
+
+def decode_uris(uris: Iterable[str]) -> list[str]:
+    """The fsspec URLs of many encoded URIs (``decode_uri`` of each, vectorized)."""
+    return _quote_some(pa.array(uris, type=pa.string()), "%", decode_uri).to_pylist()
+
+
+def uri_path(fs: fsspec.AbstractFileSystem, uri: str) -> str:
+    """The filesystem path of an encoded object URI (the inverse of ``object_uri``)."""
+    return fs._strip_protocol(decode_uri(uri))
 
 
 def _status_code(err: BaseException) -> int | None:

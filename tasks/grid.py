@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from loader import manifest as m
-from strata.storage import naming
+from strata.storage import naming, uri_path
 from tasks.policy import stage
 
 THUMB = 96
@@ -78,7 +78,7 @@ def grid_task(fs: fsspec.AbstractFileSystem, manifest: pd.DataFrame, per_cell: i
         for path in cell[m.PATH]:
             try:
                 with naming("report", path):
-                    images.append(fs.cat_file(fs._strip_protocol(path)))
+                    images.append(fs.cat_file(uri_path(fs, path)))
             except FileNotFoundError:
                 images.append(None)
         cells.append((f"{category} / {purpose}", images))

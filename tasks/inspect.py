@@ -20,7 +20,7 @@ import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from loader import manifest as m
-from strata.storage import naming
+from strata.storage import naming, uri_path
 from tasks.listing import etag_of
 from tasks.policy import stage
 
@@ -247,12 +247,12 @@ def inspect_task(
 
     def read(uri: str) -> bytes:
         with naming("inspect", uri):
-            return fs.cat_file(fs._strip_protocol(uri))
+            return fs.cat_file(uri_path(fs, uri))
 
     def etag_now(uri: str) -> str | None:
         try:
             with naming("inspect", uri):
-                return etag_of(fs.info(fs._strip_protocol(uri), refresh=True))
+                return etag_of(fs.info(uri_path(fs, uri), refresh=True))
         except FileNotFoundError:
             return None
 

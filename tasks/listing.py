@@ -25,7 +25,7 @@ from prefect import get_run_logger
 from loader import manifest as m
 from loader.sampling import splitmix64
 from strata.errors import SourceError
-from strata.storage import naming
+from strata.storage import encode_keys, naming, object_uri
 from tasks.policy import stage
 
 IMAGE_EXTENSIONS = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".jpe", ".gif", ".tif", ".tiff", ".webp"})
@@ -113,7 +113,8 @@ def listing_table(
     """Build the listing frame from its columns (pure): keep image objects in class folders, count the rest.
 
     Args:
-        uri_prefix: the source root's URI with a trailing ``/``; an object's URI is it followed by its key.
+        uri_prefix: the source root's (percent-encoded) URI with a trailing ``/``; an object's URI is it
+            followed by its key, percent-encoded (RFC 3986).
         keys, sizes, etags, mtimes: one entry per object (mtimes as ``timestamp[us, UTC]``).
     """
     image = pc.match_substring_regex(keys, _IMAGE_NAME, ignore_case=True)
@@ -134,7 +135,7 @@ def listing_table(
         keys = columns[m.KEY]
     table = pa.table(
         {
-            m.PATH: pc.binary_join_element_wise(uri_prefix, keys, ""),
+            m.PATH: pc.binary_join_element_wise(uri_prefix, encode_keys(keys), ""),
             m.KEY: keys,
             m.FOLDER: pc.list_element(pc.split_pattern(keys, "/", max_splits=1, reverse=True), 0),
             m.CATEGORY: pc.list_element(pc.split_pattern(keys, "/", max_splits=1), 0),
@@ -170,7 +171,8 @@ def list_source(fs: fsspec.AbstractFileSystem, root: str, source_uri: str) -> Li
             sizes = [int(info.get("size") or 0) for _, info in infos]
             etags = pa.array([etag_of(info) for _, info in infos], pa.string())
             mtimes = pa.array([_mtime(info) for _, info in infos], pa.timestamp("us", tz="UTC"))
-    objects, skipped = listing_table(prefix, pa.array(keys, pa.string()), np.array(sizes, np.int64), etags, mtimes)
+    encoded = object_uri(fs, root).rstrip("/") + "/"
+    objects, skipped = listing_table(encoded, pa.array(keys, pa.string()), np.array(sizes, np.int64), etags, mtimes)
     if objects.empty:
         shown = ", ".join(f"{n} {ext}" for ext, n in sorted(skipped.items())) or "nothing"
         raise SourceError(

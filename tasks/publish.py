@@ -9,6 +9,11 @@
 A run that loses any of these races raises ``CommitConflict`` and re-plans on top of the winner. A run
 killed before its commit leaves an uncommitted directory that readers ignore; the next run takes it over
 once its claimant is gone (``claim_gone``) and writes the version there.
+
+Every exclusive create relies on the store refusing a second create of one object; ``tasks.commit_guard``
+proves that before a run does any work. On a store that does not (``Store.guard`` is
+``concurrency-limit``, an explicit opt-in), runs of the dataset hold Prefect's one-slot concurrency limit,
+and a create checks that the object is absent first.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ from typing import Any, Mapping
 import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
 from loader import manifest as m
+from strata.config import CONCURRENCY_LIMIT, EXCLUSIVE_CREATE
 from strata.errors import CommitConflict
 from strata.storage import naming
 from tasks import assignments
@@ -48,6 +55,7 @@ class Store:
 
     fs: fsspec.AbstractFileSystem
     dataset_path: str  # <manifest_root>/<dataset>, protocol stripped
+    guard: str = EXCLUSIVE_CREATE  # what makes a create exclusive: the store, or the held concurrency limit
 
     @property
     def uri(self) -> str:
@@ -58,12 +66,9 @@ class Store:
 
 
 def counts_by_purpose(manifest: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """Rows per purpose and category: ``{"train": {"good": 80, ...}, ...}`` (sorted keys)."""
-    table = manifest.groupby([m.PURPOSE, m.CATEGORY]).size()
-    counts: dict[str, dict[str, int]] = {}
-    for (purpose, category), count in sorted(table.items()):
-        counts.setdefault(purpose, {})[category] = int(count)
-    return counts
+    """Rows per purpose and category: ``{"train": {"good": 80, ...}, ...}`` (sorted keys), counted as the
+    readers count them to check a version (``manifest.counts_of``)."""
+    return m.counts_of(pa.Table.from_pandas(manifest[[m.PURPOSE, m.CATEGORY]], preserve_index=False))
 
 
 def commit_record(
@@ -83,6 +88,7 @@ def commit_record(
     assignments_sha256: str | None = None,
     assignments_rows: int | None = None,
     review: Mapping[str, int] | None = None,
+    commit_guard: str = EXCLUSIVE_CREATE,
 ) -> dict[str, Any]:
     """The content of ``manifest.json`` (pure)."""
     return {
@@ -105,16 +111,21 @@ def commit_record(
         "review": dict(review or {}),
         "validation": dict(validation),
         "flow_run_id": flow_run_id,
+        "path_encoding": m.PATH_ENCODING,
+        "commit_guard": commit_guard,
     }
 
 
-def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def _create(store: Store, path: str, data: bytes, stage: str = "publish") -> None:
     """Exclusive create: FileExistsError when the object exists (local, memory and S3 alike).
 
-    On S3 one PUT is atomic. Locally the bytes go to a temporary file first and are hard-linked into place,
-    so a reader never sees a half-written file and a second writer gets FileExistsError.
+    On S3 one conditional PUT (``If-None-Match: *``) is atomic. Locally the bytes go to a temporary file
+    first and are hard-linked into place, so a reader never sees a half-written file and a second writer
+    gets FileExistsError. Under the concurrency-limit guard the store ignores the condition, and the check
+    that the object is absent comes first (no other run writes meanwhile: they wait for the limit).
     """
-    with naming("publish", fs.unstrip_protocol(path)):
+    fs = store.fs
+    with naming(stage, fs.unstrip_protocol(path)):
         if isinstance(fs, LocalFileSystem):
             temporary = f"{path}.{uuid.uuid4().hex}.tmp"
             with open(temporary, "wb") as handle:
@@ -126,6 +137,8 @@ def _create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
             finally:
                 os.unlink(temporary)
             return
+        if store.guard == CONCURRENCY_LIMIT and fs.exists(path):
+            raise FileExistsError(f"{fs.unstrip_protocol(path)} exists")
         with fs.open(path, "xb") as handle:
             handle.write(data)
 
@@ -233,7 +246,8 @@ def claim_version(
             f"{store.uri}: version {committed} was committed while this run planned on "
             + (f"version {parent_version}" if parent_version is not None else "an empty dataset")
         )
-    version = (parent_version or 0) + 1
+    # Numbers of versions a person moved aside as damaged stay used: a number always names one content.
+    version = max([parent_version or 0, *m.damaged_versions(store.fs, store.dataset_path)]) + 1
     path = store.version_path(version)
     claim = json.dumps(
         {
@@ -246,7 +260,7 @@ def claim_version(
     ).encode()
     store.fs.makedirs(path, exist_ok=True)
     try:
-        _create(store.fs, f"{path}/{m.CLAIM_FILE}", claim)
+        _create(store, f"{path}/{m.CLAIM_FILE}", claim)
         return version
     except FileExistsError:
         pass
@@ -257,14 +271,14 @@ def claim_version(
             f"(claimed at {existing.get('claimed_at')}); re-run once it has committed"
         )
     try:
-        _create(store.fs, f"{path}/_takeover.{sha256(raw)[:16]}.json", claim)
+        _create(store, f"{path}/_takeover.{sha256(raw)[:16]}.json", claim)
     except FileExistsError as err:
         raise CommitConflict(f"{store.uri}: another run took over uncommitted version {version} just now") from err
     debris = [p for p in store.fs.ls(path, detail=False) if "/_takeover." not in p]
     if any(p.endswith("/" + m.COMMIT_FILE) for p in debris):
         raise CommitConflict(f"{store.uri}: version {version} was committed just now")
     store.fs.rm(debris)
-    _create(store.fs, f"{path}/{m.CLAIM_FILE}", claim)
+    _create(store, f"{path}/{m.CLAIM_FILE}", claim)
     _logger().warning("publish: took over uncommitted version %d: %s", version, reason)
     return version
 
@@ -286,16 +300,16 @@ def write_version(
         CommitConflict: another version was committed above the parent meanwhile; this one stays uncommitted.
     """
     path = store.version_path(version)
-    _create(store.fs, f"{path}/{m.MANIFEST_FILE}", manifest_parquet)
-    _create(store.fs, f"{path}/{m.REJECTS_FILE}", rejects_parquet)
-    _create(store.fs, f"{path}/{m.VALIDATION_FILE}", json.dumps(validation, indent=2, default=str).encode())
+    _create(store, f"{path}/{m.MANIFEST_FILE}", manifest_parquet)
+    _create(store, f"{path}/{m.REJECTS_FILE}", rejects_parquet)
+    _create(store, f"{path}/{m.VALIDATION_FILE}", json.dumps(validation, indent=2, default=str).encode())
     for name, data in (extra or {}).items():
-        _create(store.fs, f"{path}/{name}", data)
+        _create(store, f"{path}/{name}", data)
     committed = m.latest_version(store.fs, store.dataset_path)
     if committed != parent_version:
         raise CommitConflict(f"{store.uri}: version {committed} was committed while version {version} was written")
     try:
-        _create(store.fs, f"{path}/{m.COMMIT_FILE}", json.dumps(record, indent=2, sort_keys=True).encode())
+        _create(store, f"{path}/{m.COMMIT_FILE}", json.dumps(record, indent=2, sort_keys=True).encode())
     except FileExistsError as err:
         raise CommitConflict(f"{store.uri}: version {version} was committed by another run") from err
     latest = json.dumps({"version": version, "sha256": record["sha256"]}).encode()
@@ -396,6 +410,7 @@ def publish_task(
             assignments_rows=files.assignments_rows,
             review=candidate.review,
             validation=validation,
+            commit_guard=store.guard,
             **record_fields,
         )
         extra = {m.ASSIGNMENTS_FILE: files.assignments_bytes, **(extra or {})}

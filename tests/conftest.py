@@ -167,6 +167,105 @@ def s3(moto_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+S3RVER_VERSION = "3.7.1"
+S3RVER_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}  # its built-in account
+
+
+def _unavailable(reason: str) -> None:
+    """Skip locally, fail in CI (``.ci/run`` installs s3rver first, so CI must never skip these tests)."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run the tests against s3rver: see .ci/run)")
+    pytest.skip(reason)
+
+
+def s3rver_script() -> Path:
+    """s3rver's entry script, installed with npm into a cache folder on first use.
+
+    The folder is ``$STRATA_S3RVER_DIR`` or ``~/.cache/strata/s3rver-<version>``; npm installs into a
+    temporary folder beside it that is renamed into place, so concurrent test runs never see half an install.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    folder = Path(os.environ.get("STRATA_S3RVER_DIR") or Path.home() / ".cache" / "strata" / f"s3rver-{S3RVER_VERSION}")
+    script = folder / "node_modules" / "s3rver" / "bin" / "s3rver.js"
+    if script.exists():
+        return script
+    npm = shutil.which("npm")
+    if shutil.which("node") is None or npm is None:
+        _unavailable(f"s3rver {S3RVER_VERSION} is not installed in {folder}, and Node.js/npm are not on PATH for it")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
+    command = [npm, "install", "--no-audit", "--no-fund", "--prefix", str(staging), f"s3rver@{S3RVER_VERSION}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        _unavailable(f"`{' '.join(command)}` failed: {done.stderr.strip()[-500:]}")
+    try:
+        staging.rename(folder)
+    except OSError:  # another test run installed it meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+    return script
+
+
+@pytest.fixture(scope="session")
+def s3rver_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An s3rver (npm) on loopback: a real S3-compatible server that is not moto and, like many such stores,
+    ignores ``If-None-Match: *`` (a second conditional PUT overwrites)."""
+    import shutil
+    import subprocess
+    import time
+
+    script = s3rver_script()
+    port = _free_port()
+    log = tmp_path_factory.mktemp("s3rver") / "s3rver.log"
+    command = [shutil.which("node") or "node", str(script), "-d", str(tmp_path_factory.mktemp("s3rver-data"))]
+    command += ["-a", "127.0.0.1", "-p", str(port), "--no-vhost-buckets"]
+    with log.open("wb") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"s3rver did not start on 127.0.0.1:{port}: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture
+def s3rver(s3rver_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """An s3fs filesystem on s3rver with an empty bucket ``strata-test``, via the AWS environment."""
+    import s3fs
+
+    environment = {**S3RVER_CREDENTIALS, "AWS_ENDPOINT_URL": s3rver_server, "AWS_DEFAULT_REGION": "us-east-1"}
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    if fs.exists("strata-test"):
+        fs.rm("strata-test", recursive=True)
+    if not fs.exists("strata-test"):
+        fs.mkdir("strata-test")
+    yield fs
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(params=["moto", "s3rver"])
+def s3_server(request: pytest.FixtureRequest) -> tuple[str, object]:
+    """Each S3 implementation in turn: (name, an s3fs filesystem on it with an empty bucket ``strata-test``)."""
+    return request.param, request.getfixturevalue("s3" if request.param == "moto" else "s3rver")
+
+
 @pytest.fixture(autouse=True)
 def prefect_console_follows_capture() -> Iterator[None]:
     """Point Prefect's console log handlers at this test's stderr.

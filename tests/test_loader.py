@@ -81,15 +81,28 @@ def publish(
                 m.FIRST_VERSION: version,
             }
         )
-    parquet = m.parquet_bytes(m.to_table(pd.DataFrame(rows)))
+    table = m.to_table(pd.DataFrame(rows))
+    parquet, rejects = m.parquet_bytes(table), m.parquet_bytes(m.REJECTS_SCHEMA.empty_table())
     directory = f"{root}/{dataset}/{m.version_dir(version)}"
     fs.makedirs(directory, exist_ok=True)
     fs.pipe_file(f"{directory}/{m.MANIFEST_FILE}", parquet)
-    record = {
+    fs.pipe_file(f"{directory}/{m.REJECTS_FILE}", rejects)
+    record = {  # no path_encoding: paths are fsspec URLs as written, like a manifest from before the encoding
         "schema_version": m.SCHEMA_VERSION,
         "dataset": dataset,
         "version": version,
+        "parent_version": None,
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "source": f"{root}/images",
+        "parameters": {},
+        "rows": table.num_rows,
+        "counts": m.counts_of(table),
+        "rejects": {},
+        "diff": {},
         "sha256": hashlib.sha256(parquet).hexdigest(),
+        "rejects_sha256": hashlib.sha256(rejects).hexdigest(),
+        "validation": {"success": True},
+        "flow_run_id": None,
     }
     fs.pipe_file(f"{directory}/{m.COMMIT_FILE}", json.dumps(record).encode())
     return f"{root}/{dataset}"

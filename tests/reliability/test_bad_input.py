@@ -15,6 +15,7 @@ from PIL import Image
 from flows.curate import curate_dataset
 from loader import manifest as m
 from strata.errors import SourceError
+from strata.storage import uri_path
 from tests.conftest import encode, picture, png_claiming
 
 
@@ -92,7 +93,7 @@ def test_every_object_is_accepted_correctly_or_rejected_with_its_reason(
         else:
             row = accepted.loc[key]
             assert (row[m.WIDTH], row[m.HEIGHT], row[m.CHANNELS]) == expected, key
-            assert fs.cat_file(fs._strip_protocol(row[m.PATH])) == CORPUS[key][0]  # the URI leads to the bytes
+            assert fs.cat_file(uri_path(fs, row[m.PATH])) == CORPUS[key][0]  # the (encoded) URI leads to the bytes
     assert accepted.loc["bad_cap/2023/01/nested.bmp", m.CATEGORY] == "bad_cap"
     assert accepted.loc["bad_cap/2023/01/nested.bmp", m.FOLDER] == "bad_cap/2023/01"
     assert set(accepted[m.FORMAT]) <= set(m.FORMATS)

@@ -99,12 +99,14 @@ def test_an_object_that_keeps_failing_fails_the_run_naming_stage_and_object(
     assert not s3.exists(f"{BUCKET}/faulty")  # nothing published, nothing half-written
 
 
-def test_a_store_that_refuses_writes_fails_the_publish_with_nothing_written(
+def test_a_store_that_refuses_writes_fails_the_run_before_any_work_with_nothing_written(
     s3: Any, source: str, proxy: FaultProxy, fast_retries: None
 ) -> None:
     proxy.decide = lambda method, path: "500" if method == "PUT" and path.startswith(f"/{BUCKET}/faulty/") else None
     message = _failed_run(source, f"s3://{BUCKET}/faulty", proxy)
-    assert "publish" in message and f"{BUCKET}/faulty/d/{m.version_dir(1)}" in message, message
+    # The exclusive-create probe is the writability check: it fails first, naming its object.
+    assert message.startswith("probe: ") and f"{BUCKET}/faulty/d/_probe." in message, message
+    assert not [path for method, path, _ in proxy.requests if method == "GET" and "/src/" in path]  # no work done
     assert s3.find(f"{BUCKET}/faulty") == []
     assert m.latest_version(s3, f"{BUCKET}/faulty/d") is None
 
