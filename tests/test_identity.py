@@ -214,13 +214,14 @@ def _make_legacy(version_dir: Path, flip: str | None = None) -> None:
     if flip is not None:
         row = manifest.index[manifest[m.KEY] == flip][0]
         manifest.loc[row, m.PURPOSE] = "devel" if manifest.loc[row, m.PURPOSE] == "train" else "train"
-    data = m.parquet_bytes(m.to_table(manifest))
+    table = m.to_table(manifest)
+    data = m.parquet_bytes(table)
     (version_dir / m.MANIFEST_FILE).write_bytes(data)
     (version_dir / m.ASSIGNMENTS_FILE).unlink()
     info = json.loads((version_dir / m.COMMIT_FILE).read_text())
     for name in ("assignments_sha256", "assignments_rows", "phash_exact", "review"):
         info.pop(name)
-    info["sha256"] = hashlib.sha256(data).hexdigest()
+    info.update(sha256=hashlib.sha256(data).hexdigest(), counts=m.counts_of(table))
     (version_dir / m.COMMIT_FILE).write_text(json.dumps(info))
 
 
