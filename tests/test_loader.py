@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import warnings
 from collections import Counter
 from datetime import UTC, datetime
@@ -607,22 +606,6 @@ def test_a_process_exits_while_its_pipeline_is_still_reading(tmp_path: Path) -> 
     for run in runs:
         out, err = run.communicate(timeout=120)
         assert (run.returncode, out.strip()) == (0, b"done"), err.decode()[-3000:]
-
-
-def test_loader_imports_without_prefect_or_great_expectations(classes: str) -> None:
-    script = textwrap.dedent(
-        f"""
-        import sys
-        for name in ("prefect", "great_expectations"):
-            sys.modules[name] = None  # any import of them now fails
-        import loader
-        ds = loader.from_manifest({classes!r}, batch_size=55, image_size=None, color_mode="grayscale")
-        print(sum(int(y.shape[0]) for _, y in ds))
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "55"
 
 
 def test_example_curates_the_demo_and_trains_one_epoch(tmp_path: Path) -> None:
