@@ -79,8 +79,9 @@ def test_the_base_install_with_tensorflow_reads_a_manifest_without_the_curation_
         import importlib.util, sys
         missing = [n for n in {CURATION!r} if importlib.util.find_spec(n) is not None]
         assert not missing, f"importable in the worker: {{missing}}"
-        import loader, tensorflow
+        import loader
         ds = loader.from_manifest({dataset!r}, batch_size=4, **{GRAY!r})
+        import tensorflow
         print(tensorflow.__version__, sum(int(y.shape[0]) for _, y in ds), loader.class_names({dataset!r}))
         """
     )
@@ -89,3 +90,7 @@ def test_the_base_install_with_tensorflow_reads_a_manifest_without_the_curation_
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[1:] == ["8", "['a',", "'b']"]
     assert result.stdout.split()[0] == metadata.version("tensorflow-cpu")  # the worker's own, never replaced
+
+    (site / "tensorflow").unlink()  # a machine without TensorFlow is told what to install
+    result = subprocess.run([str(python), "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 1 and "ImportError: loader.from_manifest needs TensorFlow" in result.stderr
