@@ -2,10 +2,13 @@
 
 Reading happens in Python threads (storage I/O and md5 release the GIL): every object's bytes are checked
 against the manifest's md5, so a model never trains on an image other than the one curated; remote bytes
-land in ``cache_dir`` under their md5 and are never fetched twice. Decoding happens in TensorFlow:
-JPEG through ``decode_jpeg`` at a reduced DCT scale when the target is at most half the source (the main
-speed lever), PNG, GIF (first frame), WebP and 24/32-bit BMP through ``decode_image``, and TIFF and
-palette BMP (which TensorFlow cannot decode, or decodes wrongly) through Pillow.
+land in ``cache_dir`` under their md5 and are never fetched twice. Decoding happens in TensorFlow, on the
+route :func:`route` picks from each image's header: JPEG through ``decode_jpeg`` (accurate IDCT) at a
+reduced DCT scale when the target is at most half the source (the main speed lever), colour PNG, WebP and
+24/32-bit BMP through ``decode_image``, grey PNG and grey-palette BMP as grey, 16-bit PNG as 16-bit samples
+scaled to 0..255, and what TensorFlow cannot decode or decodes unlike Pillow (TIFF, GIF, other BMPs,
+animated WebP) through Pillow. Every route yields Pillow's pixels (``loader.pixels``): a colour image's
+grayscale is Pillow's ``L`` of its RGB, computed here in integers as Pillow does.
 """
 
 from __future__ import annotations
@@ -28,13 +31,18 @@ import tensorflow as tf
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from loader.pixels import pillow_pixels
 from strata.errors import ImageError
 from strata.storage import is_transient
 
 log = logging.getLogger("loader")
 
-# Decode routes, chosen per sample on the Python side.
-JPEG, NATIVE, PILLOW = 0, 1, 2
+# Decode routes, chosen per sample on the Python side from the image's header (route).
+JPEG, NATIVE, PILLOW, GREY, GREY_JPEG, PNG16 = 0, 1, 2, 3, 4, 5
+# libjpeg's accurate integer IDCT, as Pillow decodes: the same pixels. The fast one (TensorFlow's default) is
+# about a level darker on average; the accurate one costs a few percent at full scale, almost nothing at the
+# reduced scales most pipelines decode at (benchmarks/NOTES.md).
+IDCT = "INTEGER_ACCURATE"
 RATIOS = (1, 2, 4, 8)
 _RETRIES = (0.5, 2.0, 8.0)
 
@@ -103,12 +111,78 @@ def uniform_jpeg(
 
 
 def route(fmt: str, data: bytes) -> int:
-    """How to decode one image: TensorFlow's JPEG path, its generic decoder, or Pillow."""
+    """How to decode one image, from its header: one of the routes above.
+
+    Raises:
+        ValueError: the bytes are not a ``fmt`` image (what is wrong, for the caller to name the image).
+    """
     if fmt == "jpeg":
-        return JPEG
-    if fmt == "tiff" or (fmt == "bmp" and int.from_bytes(data[28:30], "little") <= 8):
-        return PILLOW  # TensorFlow has no TIFF decoder and ignores BMP palettes
-    return NATIVE
+        return GREY_JPEG if _jpeg_components(data) == 1 else JPEG
+    if fmt == "png":
+        if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR" or len(data) < 33:
+            raise ValueError("no PNG signature and header")
+        if data[24] == 16:
+            return PNG16
+        return GREY if data[25] in (0, 4) else NATIVE  # grey, grey + alpha
+    if fmt == "bmp":
+        return _bmp_route(data)
+    if fmt == "webp":
+        if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+            raise ValueError("no RIFF/WEBP header")
+        animated = data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02
+        return PILLOW if animated else NATIVE  # TensorFlow's decoder has no frame-0 semantics like Pillow's
+    signatures = {"gif": (b"GIF87a", b"GIF89a"), "tiff": (b"II*\0", b"MM\0*")}
+    if fmt not in signatures:
+        raise ValueError(f"format {fmt!r} is not one the loader decodes")
+    if not data.startswith(signatures[fmt]):
+        raise ValueError(f"no {fmt.upper()} signature")
+    return PILLOW  # TIFF: no TensorFlow decoder. GIF: TensorFlow's first frame can differ from Pillow's
+
+
+def _jpeg_components(data: bytes) -> int:
+    """The component count of a JPEG's frame header (1 grey, 3 YCbCr, 4 CMYK), walking its marker segments."""
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("no JPEG start-of-image marker")
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise ValueError(f"no JPEG marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame
+            if i + 9 >= len(data):
+                break
+            return data[i + 9]
+        if marker in (0xDA, 0xD9):
+            raise ValueError("no JPEG frame header before the scan")
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    raise ValueError("no JPEG frame header")
+
+
+def _bmp_route(data: bytes) -> int:
+    """24/32-bit uncompressed BMPs and 8-bit ones with a full grey-ramp palette decode in TensorFlow (which
+    ignores palettes); the rest (other palettes, bitfields, RLE, 1/4/16-bit, OS/2 headers) through Pillow."""
+    if data[:2] != b"BM" or len(data) < 54:
+        raise ValueError("no BMP header")
+    offset, header = int.from_bytes(data[10:14], "little"), int.from_bytes(data[14:18], "little")
+    if header < 40:
+        return PILLOW
+    width = int.from_bytes(data[18:22], "little", signed=True)
+    height = int.from_bytes(data[22:26], "little", signed=True)
+    bits, compression = int.from_bytes(data[28:30], "little"), int.from_bytes(data[30:34], "little")
+    if compression != 0:
+        return PILLOW
+    if offset + (width * bits + 31) // 32 * 4 * abs(height) > len(data):
+        raise ValueError(f"truncated: {width}x{abs(height)} at {bits} bits needs more than its {len(data)} bytes")
+    if bits in (24, 32):
+        return NATIVE
+    if bits == 8 and int.from_bytes(data[46:50], "little") in (0, 256) and offset >= 14 + header + 1024:
+        palette = np.frombuffer(data, np.uint8, 1024, 14 + header).reshape(256, 4)[:, :3]
+        if (palette == np.arange(256, dtype=np.uint8)[:, None]).all():
+            return GREY
+    return PILLOW
 
 
 def read_checked(path: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
@@ -122,11 +196,9 @@ def read_checked(path: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
         return tf.identity(data)
 
 
-def _pil_decode(data: bytes, channels: int) -> np.ndarray:
+def _pil_decode(data: bytes, channels: int, sample_bits: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
-        image.seek(0)
-        pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
-    return pixels if channels == 3 else pixels[..., None]
+        return pillow_pixels(image, channels, sample_bits)
 
 
 def common_size(
@@ -152,20 +224,37 @@ def decode_pixels(
     channels: int,
     roi: tuple[int, int, int, int] | None,
     uniform: tuple[int, bool] | None = None,
+    sample_bits: int = 16,
 ) -> tf.Tensor:
     """Decode and crop one image in the graph: uint8 ``[H, W, C]``, a JPEG at its reduced DCT scale.
 
     ``uniform`` (the JPEG scale index and whether resizing shrinks more than 2x, when every image is a JPEG
-    decoding at one scale) builds a graph without branches: cheaper per image, and quicker to start an epoch.
+    decoding at one scale) builds a graph without branches (in rgb; grayscale keeps one, grey JPEG or not):
+    cheaper per image, and quicker to start an epoch. ``sample_bits``: the range of 16-bit images' samples
+    (``loader.pixels.to_8bit``).
     """
     if uniform is not None:
         ratio = uniform[0]
-        image = tf.io.decode_jpeg(data, channels=channels, ratio=RATIOS[ratio])
+        if channels == 3:  # a grey JPEG decodes to RGB as Pillow converts it: its value thrice
+            image = _jpeg(data, RATIOS[ratio], 3, colour=False)
+        else:
+            image = tf.cond(
+                tf.equal(how, GREY_JPEG),
+                lambda: _jpeg(data, RATIOS[ratio], 1, colour=False),
+                lambda: _jpeg(data, RATIOS[ratio], 1, colour=True),
+            )
         scale = tf.constant(ratio, tf.int32)
     else:
         image = tf.switch_case(
             how,
-            [lambda: _jpeg(data, scale, channels), lambda: _native(data, channels), lambda: _pillow(data, channels)],
+            [
+                lambda: _scaled_jpeg(data, scale, channels, colour=True),
+                lambda: _native(data, channels),
+                lambda: _pillow(data, channels, sample_bits),
+                lambda: _grey(data, channels),
+                lambda: _scaled_jpeg(data, scale, channels, colour=False),
+                lambda: _png16(data, channels, sample_bits),
+            ],
         )
     image.set_shape([None, None, channels])
     if roi is not None:
@@ -201,12 +290,13 @@ def decode(
     keep_aspect_ratio: bool,
     roi: tuple[int, int, int, int] | None,
     uniform: tuple[int, bool] | None = None,
+    sample_bits: int = 16,
 ) -> tf.Tensor:
     """Decode, crop and resize one image in the graph (:func:`decode_pixels`, :func:`resize`); float32
     ``[H, W, C]`` in 0..255."""
     # TensorFlow's bilinear resize of one image runs a third faster on float32 than on uint8 (0.23 ms with the
     # cast vs 0.36 for 320x240 -> 224x224), and the results are the same.
-    image = tf.cast(decode_pixels(data, how, scale, channels, roi, uniform), tf.float32)
+    image = tf.cast(decode_pixels(data, how, scale, channels, roi, uniform, sample_bits), tf.float32)
     if image_size is None:
         return image
     if uniform is not None:
@@ -220,16 +310,47 @@ def decode(
     )
 
 
-def _jpeg(data: tf.Tensor, scale: tf.Tensor, channels: int) -> tf.Tensor:
-    return tf.switch_case(scale, [lambda r=r: tf.io.decode_jpeg(data, channels=channels, ratio=r) for r in RATIOS])
+def _jpeg(data: tf.Tensor, ratio: int, channels: int, colour: bool) -> tf.Tensor:
+    """A JPEG at ``1/ratio`` scale; a colour one's grayscale is Pillow's ``L`` of its RGB (libjpeg's own grey
+    is the Y channel, which differs where colours clip)."""
+    if colour and channels == 1:
+        return _luma(tf.io.decode_jpeg(data, channels=3, ratio=ratio, dct_method=IDCT))
+    return tf.io.decode_jpeg(data, channels=channels, ratio=ratio, dct_method=IDCT)
+
+
+def _scaled_jpeg(data: tf.Tensor, scale: tf.Tensor, channels: int, colour: bool) -> tf.Tensor:
+    return tf.switch_case(scale, [lambda r=r: _jpeg(data, r, channels, colour) for r in RATIOS])
+
+
+def _luma(rgb: tf.Tensor) -> tf.Tensor:
+    """Pillow's ``L`` of uint8 ``[H, W, 3]`` pixels, in the same integer arithmetic (``loader.pixels.luma``)."""
+    weighted = tf.cast(rgb, tf.int32) * tf.constant([19595, 38470, 7471], tf.int32)
+    return tf.cast(tf.bitwise.right_shift(tf.reduce_sum(weighted, -1, keepdims=True) + 0x8000, 16), tf.uint8)
 
 
 def _native(data: tf.Tensor, channels: int) -> tf.Tensor:
-    return tf.io.decode_image(data, channels=channels, expand_animations=False)
+    """A colour image TensorFlow decodes like Pillow (24/32-bit BMP, colour PNG, WebP): alpha dropped."""
+    # channels=0 and a slice: TensorFlow's WebP decoder refuses any other count than the file's.
+    rgb = tf.io.decode_image(data, channels=0, expand_animations=False)[..., :3]
+    return rgb if channels == 3 else _luma(rgb)
 
 
-def _pillow(data: tf.Tensor, channels: int) -> tf.Tensor:
-    pixels = tf.numpy_function(lambda b: _pil_decode(b, channels), [data], tf.uint8, stateful=False)
+def _grey(data: tf.Tensor, channels: int) -> tf.Tensor:
+    """A grey image (PNG, grey-palette BMP): its value, alpha dropped; thrice for rgb."""
+    grey = tf.io.decode_image(data, channels=0, expand_animations=False)[..., :1]
+    return grey if channels == 1 else tf.tile(grey, [1, 1, 3])
+
+
+def _png16(data: tf.Tensor, channels: int, sample_bits: int) -> tf.Tensor:
+    """A 16-bit PNG: every sample scaled to 0..255 as ``loader.pixels.to_8bit`` does, then as an 8-bit one."""
+    values = tf.cast(tf.io.decode_png(data, channels=3, dtype=tf.uint16), tf.int32)
+    top = (1 << sample_bits) - 1
+    rgb = tf.cast(tf.minimum((values * 510 + top) // (2 * top), 255), tf.uint8)
+    return rgb if channels == 3 else _luma(rgb)
+
+
+def _pillow(data: tf.Tensor, channels: int, sample_bits: int) -> tf.Tensor:
+    pixels = tf.numpy_function(lambda b: _pil_decode(b, channels, sample_bits), [data], tf.uint8, stateful=False)
     return tf.ensure_shape(pixels, [None, None, channels])
 
 
@@ -313,13 +434,14 @@ class Reader:
         return [outcome for future in futures for outcome in future.result()]
 
     def _read_all(self, rows: list[int]) -> list[bytes | ImageError]:
-        outcomes: list[bytes | ImageError] = []
-        for row in rows:
-            try:
-                outcomes.append(self.read(row))
-            except ImageError as err:
-                outcomes.append(err)
-        return outcomes
+        return [self.read_or_error(row) for row in rows]
+
+    def read_or_error(self, row: int) -> bytes | ImageError:
+        """:meth:`read`, with the ImageError it raises returned instead."""
+        try:
+            return self.read(row)
+        except ImageError as err:
+            return err
 
     def read(self, row: int) -> bytes:
         """The verified bytes of one row. Raises ImageError naming the object when it is missing or changed."""
