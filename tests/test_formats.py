@@ -92,7 +92,10 @@ CORPUS: dict[str, tuple[str, Callable[[], bytes]]] = {
 }
 # The same 16-bit data as PNG and TIFF, and six distinct full-range 16-bit pictures.
 SAME_DATA = {"png": encode(Image.fromarray(_sixteen(30)), "png"), "tif": encode(Image.fromarray(_sixteen(30)), "tif")}
-DISTINCT16 = {f"sixteen/{seed}.png": encode(Image.fromarray(_sixteen(50 + seed)), "png") for seed in range(6)}
+DISTINCT16 = {  # 8-bit pictures scaled to 16 bits (v * 257), as 16-bit exports of them are
+    f"sixteen/{seed}.png": encode(Image.fromarray(np.asarray(_pic(50 + seed, "L"), np.uint16) * 257), "png")
+    for seed in range(6)
+}
 
 
 def key_of(case: str) -> str:
@@ -248,3 +251,12 @@ def test_inspection_rejects_samples_without_a_mapping() -> None:
         image = Image.fromarray(values.reshape(30, 40).astype(np.int32 if mode == "I" else np.float32), mode)
         result = inspect_bytes(encode(image, "tif"))
         assert isinstance(result, Rejected) and result.reason == "unsupported_format", result
+
+
+def test_grayscale_of_every_colour_is_pillows() -> None:
+    """The in-graph L (float32 arithmetic) equals Pillow's integer L for all 2**24 colours."""
+    from loader.images import _luma
+
+    every = np.stack(np.meshgrid(*[np.arange(256, dtype=np.uint8)] * 3, indexing="ij"), -1).reshape(4096, 4096, 3)
+    expected = np.asarray(Image.fromarray(every, "RGB").convert("L"))
+    np.testing.assert_array_equal(_luma(tf.constant(every)).numpy()[..., 0], expected)
