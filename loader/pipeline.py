@@ -104,7 +104,8 @@ def from_manifest(
         input_context: ``tf.distribute.InputContext``: each input pipeline owns a disjoint share of the rows.
         storage_options: fsspec options for remote manifests and images (endpoint, credentials); without
             them the AWS environment applies.
-        on_error: ``"raise"``: a missing or changed image stops the pipeline with an error naming it;
+        on_error: ``"raise"``: a missing or changed image, or one whose bytes are not its format, stops the
+            pipeline with an error naming it;
             ``"skip"``: it is logged, counted in ``dataset.skipped`` and left out (balanced batches take
             another image of the same class instead).
 

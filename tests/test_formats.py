@@ -260,3 +260,22 @@ def test_grayscale_of_every_colour_is_pillows() -> None:
     every = np.stack(np.meshgrid(*[np.arange(256, dtype=np.uint8)] * 3, indexing="ij"), -1).reshape(4096, 4096, 3)
     expected = np.asarray(Image.fromarray(every, "RGB").convert("L"))
     np.testing.assert_array_equal(_luma(tf.constant(every)).numpy()[..., 0], expected)
+
+
+@pytest.mark.parametrize("color_mode", ["rgb", "grayscale"])
+def test_a_manifest_of_jpegs_only_decodes_like_pillow_on_the_branchless_graph(tmp_path: Path, color_mode: str) -> None:
+    """All JPEGs of one size take the graph without routes (decode_pixels' ``uniform``): grey and CMYK too."""
+    from loader.images import jpeg_scales, uniform_jpeg
+
+    cases = ["jpeg-baseline", "jpeg-progressive", "jpeg-grey", "jpeg-cmyk"]
+    samples = [(key_of(case), CORPUS[case][1](), "train") for case in cases]
+    root = publish(str(tmp_path), samples)
+    frame = loader.read_manifest(root)
+    widths, heights = frame[m.WIDTH].to_numpy(), frame[m.HEIGHT].to_numpy()
+    scales = jpeg_scales(widths, heights, None, None, False)
+    assert uniform_jpeg(frame[m.FORMAT].to_numpy(), scales, widths, heights, None, None) is not None
+    ds = loader.from_manifest(root, stratify_by=None, shuffle=False, image_size=None, color_mode=color_mode)
+    images = next(iter(ds))[0].numpy()
+    for (key, data, _), pixels in zip(samples, images, strict=True):
+        expected = reference(data, 3 if color_mode == "rgb" else 1)
+        assert np.abs(pixels - expected).max() <= JPEG_TOLERANCE, key
