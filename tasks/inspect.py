@@ -20,6 +20,7 @@ import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from loader import manifest as m
+from loader.formats import route
 from loader.pixels import pillow_pixels, sixteen_bit
 from strata.storage import naming, uri_path
 from tasks.listing import etag_of
@@ -193,6 +194,7 @@ def inspect_bytes(data: bytes, etag: str = "", max_pixels: int = DEFAULT_MAX_PIX
             unmapped = _unmapped(image)
             if unmapped is not None:
                 return Rejected("unsupported_format", unmapped)
+            route(fmt, data)  # the loader's choice of decoder: raises ValueError where its header checks fail
             if fmt == "jpeg" and min(width, height) >= 2 * _HASH_SOURCE:
                 # DCT-scaled grey: still reads and checks every byte. Smaller JPEGs decode in full, as
                 # imagehash decodes them, so their hash is bit-identical to imagehash's.
