@@ -42,6 +42,10 @@ def _sixteen(seed: int) -> np.ndarray:
     return np.round((grey - grey.min()) / (grey.max() - grey.min()) * 65535).astype(np.uint16)
 
 
+def _big_endian(seed: int) -> bytes:
+    return _sixteen(seed).astype(">u2").tobytes()
+
+
 def _save(image: Image.Image, fmt: str, **options: object) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt, **options)
@@ -65,6 +69,7 @@ CORPUS: dict[str, tuple[str, Callable[[], bytes]]] = {
     "bmp-palette": ("bmp", lambda: encode(_pic(1, "P"), "bmp")),
     "bmp-24bit": ("bmp", lambda: encode(_pic(2), "bmp")),
     "bmp-32bit": ("bmp", lambda: encode(_pic(3, "RGBA"), "bmp")),
+    "bmp-1bit": ("bmp", lambda: encode(_pic(26, "1"), "bmp")),
     "png-1bit": ("png", lambda: encode(_pic(4, "1"), "png")),
     "png-grey8": ("png", lambda: encode(_pic(5, "L"), "png")),
     "png-grey16": ("png", lambda: encode(Image.fromarray(_sixteen(6)), "png")),
@@ -73,19 +78,26 @@ CORPUS: dict[str, tuple[str, Callable[[], bytes]]] = {
     "png-rgba": ("png", lambda: encode(_alpha(9), "png")),
     "png-palette": ("png", lambda: encode(_pic(10, "P"), "png")),
     "png-palette-transparent": ("png", lambda: encode(_pic(11, "P"), "png", transparency=0)),
+    "png-palette-4bit": ("png", lambda: encode(_pic(27).quantize(16), "png", bits=4)),
     "jpeg-baseline": ("jpg", lambda: encode(_pic(13), "jpg", quality=90)),
     "jpeg-progressive": ("jpg", lambda: encode(_pic(14), "jpg", progressive=True)),
+    "jpeg-444": ("jpg", lambda: encode(_pic(28), "jpg", subsampling=0)),
     "jpeg-grey": ("jpg", lambda: encode(_pic(15, "L"), "jpg")),
     "jpeg-cmyk": ("jpg", lambda: encode(_pic(16, "CMYK"), "jpg")),
     "jpeg-exif-rotated": ("jpg", _rotated_jpeg),
     "gif": ("gif", lambda: encode(_pic(17, "P"), "gif")),
     "gif-animated": ("gif", lambda: _frames("GIF", "P")),
+    "gif-transparent": ("gif", lambda: encode(_pic(29, "P"), "gif", transparency=0)),
     "webp-lossy": ("webp", lambda: encode(_pic(18), "webp")),
     "webp-lossless": ("webp", lambda: encode(_pic(19), "webp", lossless=True)),
     "webp-alpha": ("webp", lambda: encode(_alpha(20), "webp", lossless=True)),
+    "webp-lossy-alpha": ("webp", lambda: encode(_alpha(31), "webp")),
+    "webp-animated": ("webp", lambda: _frames("WEBP", "RGB")),
     "tiff-rgb": ("tif", lambda: encode(_pic(21), "tif")),
     "tiff-grey8": ("tif", lambda: encode(_pic(22, "L"), "tif")),
     "tiff-grey16": ("tif", lambda: encode(Image.fromarray(_sixteen(23)), "tif")),
+    "tiff-grey16-big-endian": ("tif", lambda: encode(Image.frombytes("I;16B", SIZE, _big_endian(32)), "tif")),
+    "tiff-palette": ("tif", lambda: encode(_pic(33, "P"), "tif")),
     "tiff-lzw": ("tif", lambda: encode(_pic(24), "tif", compression="tiff_lzw")),
     "tiff-cmyk": ("tif", lambda: encode(_pic(25, "CMYK"), "tif")),
     "tiff-multipage": ("tif", lambda: _frames("TIFF", "RGB")),
