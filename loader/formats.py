@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["JPEG", "NATIVE", "PILLOW", "GREY", "GREY_JPEG", "PNG16", "route"]
+__all__ = ["JPEG", "NATIVE", "PILLOW", "GREY", "GREY_JPEG", "PNG16", "ALPHA", "route"]
 
 # Decode routes (loader.images.decode_pixels): TensorFlow's JPEG decoder for colour (YCbCr, CMYK) and for grey
-# JPEGs, its generic decoder for colour and for grey images, its PNG decoder at 16 bits, or Pillow.
-JPEG, NATIVE, PILLOW, GREY, GREY_JPEG, PNG16 = 0, 1, 2, 3, 4, 5
+# JPEGs, its generic decoder for colour and for grey images and for WebPs with alpha (which it decodes only
+# with their alpha), its PNG decoder at 16 bits, or Pillow.
+JPEG, NATIVE, PILLOW, GREY, GREY_JPEG, PNG16, ALPHA = 0, 1, 2, 3, 4, 5, 6
 
 
 def route(fmt: str, data: bytes) -> int:
@@ -33,8 +34,11 @@ def route(fmt: str, data: bytes) -> int:
     if fmt == "webp":
         if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
             raise ValueError("no RIFF/WEBP header")
-        animated = data[12:16] == b"VP8X" and len(data) > 20 and data[20] & 0x02
-        return PILLOW if animated else NATIVE  # TensorFlow's decoder has no frame-0 semantics like Pillow's
+        if len(data) < 25:
+            raise ValueError("a WebP header cut short")
+        if data[12:16] == b"VP8X":  # extended: flags say animation (Pillow: TensorFlow has no frame 0) and alpha
+            return PILLOW if data[20] & 0x02 else ALPHA if data[20] & 0x10 else NATIVE
+        return ALPHA if data[12:16] == b"VP8L" and data[24] & 0x10 else NATIVE  # lossless: alpha_is_used
     signatures = {"gif": (b"GIF87a", b"GIF89a"), "tiff": (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")}  # TIFF, BigTIFF
     if fmt not in signatures:
         raise ValueError(f"format {fmt!r} is not one the loader decodes")

@@ -178,6 +178,7 @@ def decode_pixels(
                 lambda: _grey(data, channels),
                 lambda: _scaled_jpeg(data, scale, channels, colour=False),
                 lambda: _png16(data, channels, sample_bits),
+                lambda: _native(data, channels, alpha=True),
             ],
         )
     image.set_shape([None, None, channels])
@@ -257,10 +258,15 @@ def _luma(rgb: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.floor(weighted * (1.0 / 65536.0)), tf.uint8)
 
 
-def _native(data: tf.Tensor, channels: int) -> tf.Tensor:
-    """A colour image TensorFlow decodes like Pillow (24/32-bit BMP, colour PNG, WebP): alpha dropped."""
-    # channels=0 and a slice: TensorFlow's WebP decoder refuses any other count than the file's.
-    rgb = tf.io.decode_image(data, channels=0, expand_animations=False)[..., :3]
+def _native(data: tf.Tensor, channels: int, alpha: bool = False) -> tf.Tensor:
+    """A colour image TensorFlow decodes like Pillow (24/32-bit BMP, colour PNG, WebP): alpha dropped.
+
+    ``alpha``: a WebP with alpha, which TensorFlow decodes only to 4 channels (others drop alpha themselves).
+    """
+    if alpha:
+        rgb = tf.io.decode_image(data, channels=4, expand_animations=False)[..., :3]
+    else:
+        rgb = tf.io.decode_image(data, channels=3, expand_animations=False)
     return rgb if channels == 3 else _luma(rgb)
 
 
