@@ -291,3 +291,12 @@ def test_a_manifest_of_jpegs_only_decodes_like_pillow_on_the_branchless_graph(tm
     for (key, data, _), pixels in zip(samples, images, strict=True):
         expected = reference(data, 3 if color_mode == "rgb" else 1)
         assert np.abs(pixels - expected).max() <= JPEG_TOLERANCE, key
+
+
+def test_sample_bits_is_checked(tmp_path: Path) -> None:
+    from strata.errors import ConfigError
+
+    root = publish(str(tmp_path), [("a/0.png", encode(_pic(0), "png"), "train")])
+    for wrong in (8, 17, "12"):
+        with pytest.raises(ConfigError, match="sample_bits must be an integer from 9 to 16"):
+            loader.from_manifest(root, sample_bits=wrong)
