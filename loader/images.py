@@ -248,7 +248,7 @@ def _scaled_jpeg(data: tf.Tensor, scale: tf.Tensor, channels: int, colour: bool)
 
 
 def _luma(rgb: tf.Tensor) -> tf.Tensor:
-    """Pillow's ``L`` of uint8 ``[H, W, 3]`` pixels, exactly (``loader.pixels.luma``).
+    """Pillow's ``L`` of uint8 ``[H, W, 3]`` pixels, exactly (``loader.pixels``: its integer formula).
 
     In float32, a third of the CPU of int32 ops here: every product, sum and the division by 2**16 are exact,
     as each value is an integer below 2**24 (at most 255 * 65536 + 0x8000).

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["SIXTEEN_BIT_MODES", "to_8bit", "sixteen_bit", "pillow_pixels", "luma"]
+__all__ = ["SIXTEEN_BIT_MODES", "to_8bit", "sixteen_bit", "pillow_pixels"]
 
 # Pillow's modes of 16-bit grey samples ("I" is how Pillow before 11 opens a 16-bit grey PNG).
 SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
@@ -31,12 +31,6 @@ def to_8bit(values: np.ndarray, bits: int = 16) -> np.ndarray:
     top = (1 << bits) - 1
     scaled = (values.astype(np.int64) * 510 + top) // (2 * top)
     return np.minimum(scaled, 255).astype(np.uint8)
-
-
-def luma(rgb: np.ndarray) -> np.ndarray:
-    """Pillow's ``L`` of uint8 ``[..., 3]`` pixels, exactly."""
-    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
 def pillow_pixels(image: Image.Image, channels: int, bits: int = 16) -> np.ndarray:

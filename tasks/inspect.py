@@ -146,8 +146,9 @@ def _png_pixels(data: bytes, image: Image.Image) -> Image.Image:
     return image
 
 
-# Modes whose conversion to the loader's pixels (loader.pixels.pillow_pixels) is known to work; others are
-# tried once at inspection, so that a mode the loader cannot convert (LAB) is a reject, not a training failure.
+# Modes whose conversions to the loader's pixels (loader.pixels.pillow_pixels, rgb and grayscale) are known to
+# work; others are tried at inspection, so that a mode the loader cannot convert (LAB) is a reject, not a
+# training failure.
 _CONVERTS = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
 
 
@@ -206,8 +207,9 @@ def inspect_bytes(data: bytes, etag: str = "", max_pixels: int = DEFAULT_MAX_PIX
             if image.mode not in _CONVERTS and not sixteen_bit(image):
                 try:
                     pillow_pixels(image, 3)
+                    pillow_pixels(image, 1)
                 except ValueError as err:
-                    return Rejected("unsupported_format", f"Pillow mode {image.mode} does not convert to RGB: {err}")
+                    return Rejected("unsupported_format", f"Pillow cannot convert mode {image.mode}: {err}")
             hashed = phash(_shrunk(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return Rejected("too_large", str(err))

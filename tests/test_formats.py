@@ -256,13 +256,18 @@ def test_bytes_that_match_their_md5_but_do_not_decode_name_their_path(tmp_path: 
 
 
 def test_inspection_rejects_samples_without_a_mapping() -> None:
-    """32-bit integer and float TIFFs have no defined 0..255 mapping: rejected, not failing at training."""
+    """32-bit integer and float TIFFs have no defined 0..255 mapping, and Pillow cannot convert CIELab to L:
+    rejected at curation, not failing at training."""
     from tasks.inspect import Rejected, inspect_bytes
 
-    for mode, values in (("I", np.arange(1200, dtype=np.int32) * 100_000), ("F", np.linspace(0, 1, 1200))):
-        image = Image.fromarray(values.reshape(30, 40).astype(np.int32 if mode == "I" else np.float32), mode)
+    images = [
+        Image.fromarray((np.arange(1200, dtype=np.int32) * 100_000).reshape(30, 40)),
+        Image.fromarray(np.linspace(0, 1, 1200, dtype=np.float32).reshape(30, 40)),
+        Image.new("LAB", (40, 30), (50, 10, 20)),
+    ]
+    for image in images:
         result = inspect_bytes(encode(image, "tif"))
-        assert isinstance(result, Rejected) and result.reason == "unsupported_format", result
+        assert isinstance(result, Rejected) and result.reason == "unsupported_format", (image.mode, result)
 
 
 def test_grayscale_of_every_colour_is_pillows() -> None:
