@@ -2,10 +2,13 @@
 
 Reading happens in Python threads (storage I/O and md5 release the GIL): every object's bytes are checked
 against the manifest's md5, so a model never trains on an image other than the one curated; remote bytes
-land in ``cache_dir`` under their md5 and are never fetched twice. Decoding happens in TensorFlow:
-JPEG through ``decode_jpeg`` at a reduced DCT scale when the target is at most half the source (the main
-speed lever), PNG, GIF (first frame), WebP and 24/32-bit BMP through ``decode_image``, and TIFF and
-palette BMP (which TensorFlow cannot decode, or decodes wrongly) through Pillow.
+land in ``cache_dir`` under their md5 and are never fetched twice. Decoding happens in TensorFlow, on the
+route ``loader.formats.route`` picks from each image's header: JPEG through ``decode_jpeg`` (accurate IDCT)
+at a reduced DCT scale when the target is at most half the source (the main speed lever), colour PNG, WebP
+and 24/32-bit BMP through ``decode_image``, grey PNG and grey-palette BMP as grey, 16-bit PNG as 16-bit
+samples scaled to 0..255, and what TensorFlow cannot decode or decodes unlike Pillow (TIFF, GIF, other BMPs,
+animated WebP) through Pillow. Every route yields Pillow's pixels (``loader.pixels``): a colour image's
+grayscale is Pillow's ``L`` of its RGB, computed here exactly as Pillow does.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ import tensorflow as tf
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
+from loader.formats import GREY_JPEG
+from loader.pixels import pillow_pixels
 from strata.errors import ImageError
 from strata.storage import is_transient
 
 log = logging.getLogger("loader")
 
-# Decode routes, chosen per sample on the Python side.
-JPEG, NATIVE, PILLOW = 0, 1, 2
+# libjpeg's accurate integer IDCT, as Pillow decodes: the same pixels. The fast one (TensorFlow's default) is
+# about a level darker on average; the accurate one costs a few percent at full scale, almost nothing at the
+# reduced scales most pipelines decode at (benchmarks/NOTES.md).
+IDCT = "INTEGER_ACCURATE"
 RATIOS = (1, 2, 4, 8)
 _RETRIES = (0.5, 2.0, 8.0)
 
@@ -102,15 +109,6 @@ def uniform_jpeg(
     return int(scales[0]), bool(shrinking[0])
 
 
-def route(fmt: str, data: bytes) -> int:
-    """How to decode one image: TensorFlow's JPEG path, its generic decoder, or Pillow."""
-    if fmt == "jpeg":
-        return JPEG
-    if fmt == "tiff" or (fmt == "bmp" and int.from_bytes(data[28:30], "little") <= 8):
-        return PILLOW  # TensorFlow has no TIFF decoder and ignores BMP palettes
-    return NATIVE
-
-
 def read_checked(path: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     """Read a verified image's file in the graph, failing with its path when its size changed since."""
     data = tf.io.read_file(path)
@@ -122,11 +120,9 @@ def read_checked(path: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
         return tf.identity(data)
 
 
-def _pil_decode(data: bytes, channels: int) -> np.ndarray:
+def _pil_decode(data: bytes, channels: int, sample_bits: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
-        image.seek(0)
-        pixels = np.asarray(image.convert("RGB" if channels == 3 else "L"))
-    return pixels if channels == 3 else pixels[..., None]
+        return pillow_pixels(image, channels, sample_bits)
 
 
 def common_size(
@@ -152,20 +148,38 @@ def decode_pixels(
     channels: int,
     roi: tuple[int, int, int, int] | None,
     uniform: tuple[int, bool] | None = None,
+    sample_bits: int = 16,
 ) -> tf.Tensor:
     """Decode and crop one image in the graph: uint8 ``[H, W, C]``, a JPEG at its reduced DCT scale.
 
     ``uniform`` (the JPEG scale index and whether resizing shrinks more than 2x, when every image is a JPEG
-    decoding at one scale) builds a graph without branches: cheaper per image, and quicker to start an epoch.
+    decoding at one scale) builds a graph without branches (in rgb; grayscale keeps one, grey JPEG or not):
+    cheaper per image, and quicker to start an epoch. ``sample_bits``: the range of 16-bit images' samples
+    (``loader.pixels.to_8bit``).
     """
     if uniform is not None:
         ratio = uniform[0]
-        image = tf.io.decode_jpeg(data, channels=channels, ratio=RATIOS[ratio])
+        if channels == 3:  # a grey JPEG decodes to RGB as Pillow converts it: its value thrice
+            image = _jpeg(data, RATIOS[ratio], 3, colour=False)
+        else:
+            image = tf.cond(
+                tf.equal(how, GREY_JPEG),
+                lambda: _jpeg(data, RATIOS[ratio], 1, colour=False),
+                lambda: _jpeg(data, RATIOS[ratio], 1, colour=True),
+            )
         scale = tf.constant(ratio, tf.int32)
     else:
         image = tf.switch_case(
             how,
-            [lambda: _jpeg(data, scale, channels), lambda: _native(data, channels), lambda: _pillow(data, channels)],
+            [  # in the order of loader.formats' route numbers
+                lambda: _scaled_jpeg(data, scale, channels, colour=True),
+                lambda: _native(data, channels),
+                lambda: _pillow(data, channels, sample_bits),
+                lambda: _grey(data, channels),
+                lambda: _scaled_jpeg(data, scale, channels, colour=False),
+                lambda: _png16(data, channels, sample_bits),
+                lambda: _native(data, channels, alpha=True),
+            ],
         )
     image.set_shape([None, None, channels])
     if roi is not None:
@@ -201,12 +215,13 @@ def decode(
     keep_aspect_ratio: bool,
     roi: tuple[int, int, int, int] | None,
     uniform: tuple[int, bool] | None = None,
+    sample_bits: int = 16,
 ) -> tf.Tensor:
     """Decode, crop and resize one image in the graph (:func:`decode_pixels`, :func:`resize`); float32
     ``[H, W, C]`` in 0..255."""
     # TensorFlow's bilinear resize of one image runs a third faster on float32 than on uint8 (0.23 ms with the
     # cast vs 0.36 for 320x240 -> 224x224), and the results are the same.
-    image = tf.cast(decode_pixels(data, how, scale, channels, roi, uniform), tf.float32)
+    image = tf.cast(decode_pixels(data, how, scale, channels, roi, uniform, sample_bits), tf.float32)
     if image_size is None:
         return image
     if uniform is not None:
@@ -220,16 +235,57 @@ def decode(
     )
 
 
-def _jpeg(data: tf.Tensor, scale: tf.Tensor, channels: int) -> tf.Tensor:
-    return tf.switch_case(scale, [lambda r=r: tf.io.decode_jpeg(data, channels=channels, ratio=r) for r in RATIOS])
+def _jpeg(data: tf.Tensor, ratio: int, channels: int, colour: bool) -> tf.Tensor:
+    """A JPEG at ``1/ratio`` scale; a colour one's grayscale is Pillow's ``L`` of its RGB (libjpeg's own grey
+    is the Y channel, which differs where colours clip)."""
+    if colour and channels == 1:
+        return _luma(tf.io.decode_jpeg(data, channels=3, ratio=ratio, dct_method=IDCT))
+    return tf.io.decode_jpeg(data, channels=channels, ratio=ratio, dct_method=IDCT)
 
 
-def _native(data: tf.Tensor, channels: int) -> tf.Tensor:
-    return tf.io.decode_image(data, channels=channels, expand_animations=False)
+def _scaled_jpeg(data: tf.Tensor, scale: tf.Tensor, channels: int, colour: bool) -> tf.Tensor:
+    return tf.switch_case(scale, [lambda r=r: _jpeg(data, r, channels, colour) for r in RATIOS])
 
 
-def _pillow(data: tf.Tensor, channels: int) -> tf.Tensor:
-    pixels = tf.numpy_function(lambda b: _pil_decode(b, channels), [data], tf.uint8, stateful=False)
+def _luma(rgb: tf.Tensor) -> tf.Tensor:
+    """Pillow's ``L`` of uint8 ``[H, W, 3]`` pixels, exactly (``loader.pixels``: its integer formula).
+
+    In float32, a third of the CPU of int32 ops here: every product, sum and the division by 2**16 are exact,
+    as each value is an integer below 2**24 (at most 255 * 65536 + 0x8000).
+    """
+    x = tf.cast(rgb, tf.float32)
+    weighted = x[..., 0:1] * 19595.0 + x[..., 1:2] * 38470.0 + x[..., 2:3] * 7471.0 + 32768.0
+    return tf.cast(tf.floor(weighted * (1.0 / 65536.0)), tf.uint8)
+
+
+def _native(data: tf.Tensor, channels: int, alpha: bool = False) -> tf.Tensor:
+    """A colour image TensorFlow decodes like Pillow (24/32-bit BMP, colour PNG, WebP): alpha dropped.
+
+    ``alpha``: a WebP with alpha, which TensorFlow decodes only to 4 channels (others drop alpha themselves).
+    """
+    if alpha:
+        rgb = tf.io.decode_image(data, channels=4, expand_animations=False)[..., :3]
+    else:
+        rgb = tf.io.decode_image(data, channels=3, expand_animations=False)
+    return rgb if channels == 3 else _luma(rgb)
+
+
+def _grey(data: tf.Tensor, channels: int) -> tf.Tensor:
+    """A grey image (PNG, grey-palette BMP): its value, alpha dropped; thrice for rgb."""
+    grey = tf.io.decode_image(data, channels=0, expand_animations=False)[..., :1]
+    return grey if channels == 1 else tf.tile(grey, [1, 1, 3])
+
+
+def _png16(data: tf.Tensor, channels: int, sample_bits: int) -> tf.Tensor:
+    """A 16-bit PNG: every sample scaled to 0..255 as ``loader.pixels.to_8bit`` does, then as an 8-bit one."""
+    values = tf.cast(tf.io.decode_png(data, channels=3, dtype=tf.uint16), tf.int32)
+    top = (1 << sample_bits) - 1
+    rgb = tf.cast(tf.minimum((values * 510 + top) // (2 * top), 255), tf.uint8)
+    return rgb if channels == 3 else _luma(rgb)
+
+
+def _pillow(data: tf.Tensor, channels: int, sample_bits: int) -> tf.Tensor:
+    pixels = tf.numpy_function(lambda b: _pil_decode(b, channels, sample_bits), [data], tf.uint8, stateful=False)
     return tf.ensure_shape(pixels, [None, None, channels])
 
 
@@ -313,13 +369,14 @@ class Reader:
         return [outcome for future in futures for outcome in future.result()]
 
     def _read_all(self, rows: list[int]) -> list[bytes | ImageError]:
-        outcomes: list[bytes | ImageError] = []
-        for row in rows:
-            try:
-                outcomes.append(self.read(row))
-            except ImageError as err:
-                outcomes.append(err)
-        return outcomes
+        return [self.read_or_error(row) for row in rows]
+
+    def read_or_error(self, row: int) -> bytes | ImageError:
+        """:meth:`read`, with the ImageError it raises returned instead."""
+        try:
+            return self.read(row)
+        except ImageError as err:
+            return err
 
     def read(self, row: int) -> bytes:
         """The verified bytes of one row. Raises ImageError naming the object when it is missing or changed."""

@@ -55,6 +55,7 @@ def from_manifest(
     keep_aspect_ratio: bool = False,
     roi: tuple[int, int, int, int] | None = None,
     color_mode: str = "rgb",
+    sample_bits: int = 16,
     rescale: str | None = None,
     label_mode: str | None = "int",
     stratify_by: Sequence[str] | None | Literal["auto"] = "auto",
@@ -79,7 +80,11 @@ def from_manifest(
         image_size: ``(height, width)`` to resize to; None keeps the stored size (all images must share it).
         keep_aspect_ratio: scale to fit inside ``image_size`` and pad with zeros (centred) instead of stretching.
         roi: ``(y, x, h, w)`` crop in source pixels, applied before resizing.
-        color_mode: ``"rgb"`` (3 channels) or ``"grayscale"`` (1).
+        color_mode: ``"rgb"`` (3 channels) or ``"grayscale"`` (1): Pillow's ``convert("RGB")`` and
+            ``convert("L")`` of every format and mode (docs/loader.md).
+        sample_bits: how many bits of a 16-bit image's samples carry data: 16 scales 0..65535 to 0..255;
+            12 scales 0..4095 (12-bit camera data stored LSB-aligned in 16-bit files; larger values clip).
+            8-bit images are not affected.
         rescale: None keeps 0..255; ``"0-1"``, ``"-1-1"``, or ``"imagenet"`` (per-channel mean/std).
         label_mode: ``"int"`` (int32 ``[B]``), ``"categorical"`` (one-hot float32 ``[B, K]``), or None.
         stratify_by: manifest columns whose value combinations are the groups (strata); None: plain shuffle.
@@ -102,7 +107,8 @@ def from_manifest(
         input_context: ``tf.distribute.InputContext``: each input pipeline owns a disjoint share of the rows.
         storage_options: fsspec options for remote manifests and images (endpoint, credentials); without
             them the AWS environment applies.
-        on_error: ``"raise"``: a missing or changed image stops the pipeline with an error naming it;
+        on_error: ``"raise"``: a missing or changed image, or one whose bytes are not its format, stops the
+            pipeline with an error naming it;
             ``"skip"``: it is logged, counted in ``dataset.skipped`` and left out (balanced batches take
             another image of the same class instead).
 
@@ -205,14 +211,16 @@ def from_manifest(
         if stacked is not None:
             raw = tf.TensorArray(tf.uint8, size=count, element_shape=[*stacked, channels])
             for i in tf.range(count):
-                raw = raw.write(i, decode_pixels(read(i), e["how"][i], e["scale"][i], channels, roi, uniform))
+                pixels = decode_pixels(read(i), e["how"][i], e["scale"][i], channels, roi, uniform, sample_bits)
+                raw = raw.write(i, pixels)
             images = raw.stack()  # resized as uint8: the same pixels as a float32 copy gives, without the copy
             if image_size is None:
                 return {"image": tf.cast(images, tf.float32), **rest}
             return {"image": resize(images, image_size, keep_aspect_ratio, shrinks(stacked, image_size)), **rest}
         images = tf.TensorArray(tf.float32, size=count, element_shape=[*shape, channels])
         for i in tf.range(count):
-            image = decode(read(i), e["how"][i], e["scale"][i], channels, image_size, keep_aspect_ratio, roi, uniform)
+            how, scale = e["how"][i], e["scale"][i]
+            image = decode(read(i), how, scale, channels, image_size, keep_aspect_ratio, roi, uniform, sample_bits)
             if on_cpu:
                 image = augment.apply(image[None], e["params"][i][None], e["noise_seed"][i][None])[0]
             images = images.write(i, image)
@@ -317,6 +325,8 @@ def _check(args: Mapping[str, Any]) -> int:
         raise ConfigError(f"label_mode {args['label_mode']!r} is not 'int', 'categorical' or None")
     if args["on_error"] not in ON_ERROR:
         raise ConfigError(f"on_error {args['on_error']!r} is not 'raise' or 'skip'")
+    if not isinstance(args["sample_bits"], int) or not 9 <= args["sample_bits"] <= 16:
+        raise ConfigError(f"sample_bits must be an integer from 9 to 16 (16-bit files), got {args['sample_bits']!r}")
     if not isinstance(args["batch_size"], int) or args["batch_size"] < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {args['batch_size']!r}")
     size = args["image_size"]

@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from loader import manifest as m
 from loader.augment import PARAMS, Augment, sample_keys
-from loader.images import Reader, Skipped, route
+from loader.formats import route
+from loader.images import Reader, Skipped
 from loader.stages import host_map
 from strata.errors import ImageError
 
@@ -70,8 +71,8 @@ class Elements:
         self._formats = rows[m.FORMAT].to_numpy()
         self._md5s = rows[m.MD5].to_numpy()
         self._sizes = rows[m.SIZE].to_numpy().astype(np.int32)
-        # How to decode each row; a BMP's route depends on its header, known once its bytes were read.
-        self._routes = np.array([route(f, b"") if f != "bmp" else -1 for f in self._formats], dtype=np.int32)
+        # How to decode each row: chosen from its header once its bytes were read (and verified).
+        self._routes = np.full(len(self._formats), -1, dtype=np.int32)
         self._labels = labels
         self._scales = scales
         self._draws = draws
@@ -175,7 +176,7 @@ class Elements:
         for rows, groups, epoch in self._chunks(first):
             reads = rows.tolist()
             if self._paths is not None:
-                reads = [row for row in reads if not self._reader.verified(row)]
+                reads = [row for row in reads if not self._reader.verified(row) or self._routes[row] < 0]
             pending.append((rows, groups, epoch, reads, self._reader.submit(reads)))
             if len(pending) > _AHEAD:
                 yield self._element(*pending.popleft())
@@ -192,13 +193,14 @@ class Elements:
     ) -> dict[str, np.ndarray]:
         if self._paths is not None:
             for row, read in zip(reads, Reader.results(futures), strict=True):
+                read = self._routed(row, read)
                 if isinstance(read, ImageError):
                     raise read
-                self._routes[row] = route(self._formats[row], read)
             element = {"path": self._paths[rows], "size": self._sizes[rows]}
         else:
             kept, data = [], []
             for row, group, read in zip(rows.tolist(), groups.tolist(), Reader.results(futures), strict=True):
+                read = self._routed(row, read)
                 if not isinstance(read, ImageError):
                     kept.append(row)
                     data.append(read)
@@ -210,8 +212,6 @@ class Elements:
                     row, read = self._substitute(row, group)
                     kept.append(row)
                     data.append(read)
-            for row, read in zip(kept, data, strict=True):
-                self._routes[row] = route(self._formats[row], read)
             rows = np.asarray(kept, dtype=np.int64)
             element = {"data": np.asarray(data, dtype=object).reshape(-1)}
         element.update(how=self._routes[rows], scale=self._scales[rows], label=self._labels[rows])
@@ -220,6 +220,20 @@ class Elements:
             element["params"], element["noise_seed"] = self._augment.draw(keys, *self._shape)
         return element
 
+    def _routed(self, row: int, read: bytes | ImageError) -> bytes | ImageError:
+        """``read``, once the row's decode route is known from its header; an ImageError naming the image when
+        the bytes (which matched the manifest's md5) are not the image the manifest says."""
+        if isinstance(read, ImageError):
+            return read
+        try:
+            self._routes[row] = route(self._formats[row], read)
+        except (ValueError, IndexError) as err:
+            return ImageError(
+                f"{self._uris[row]} matches its md5 but does not decode as {self._formats[row]}: {err}. Re-curate "
+                "the dataset (inspection rejects such files), or pass on_error='skip' to train without it"
+            )
+        return read
+
     def _substitute(self, row: int, group: int) -> tuple[int, bytes]:
         """The next readable image of the same group after ``row``, in manifest order."""
         members = self._members[group]
@@ -227,10 +241,10 @@ class Elements:
         for other in np.roll(members, -start - 1).tolist():
             if self._uris[other] in self.skipped.paths:
                 continue
-            try:
-                return other, self._reader.read(other)
-            except ImageError as err:
-                self.skipped.add(self._uris[other], str(err))
+            read = self._routed(other, self._reader.read_or_error(other))
+            if not isinstance(read, ImageError):
+                return other, read
+            self.skipped.add(self._uris[other], str(read))
         raise ImageError(f"every image of class group {group} is unreadable; see the warnings above")
 
 

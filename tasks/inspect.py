@@ -20,6 +20,8 @@ import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from loader import manifest as m
+from loader.formats import route
+from loader.pixels import pillow_pixels, sixteen_bit
 from strata.storage import naming, uri_path
 from tasks.listing import etag_of
 from tasks.policy import stage
@@ -89,13 +91,25 @@ def _dct_matrix(n: int) -> np.ndarray:
 _DCT32 = _dct_matrix(32)
 
 
+def _grey(image: Image.Image) -> Image.Image:
+    """The image as the hash sees it: Pillow's ``L``; a 16-bit one's samples scaled as the loader scales them
+    (``loader.pixels.to_8bit``) but not rounded (mode F), so that 12-bit data keeps its detail."""
+    if image.mode == "F":
+        return image
+    if sixteen_bit(image):
+        return Image.fromarray(np.asarray(image, dtype=np.float32) * np.float32(255 / 65535), "F")
+    return image.convert("L")
+
+
 def phash(image: Image.Image) -> int:
-    """64-bit DCT perceptual hash, bit-compatible with ``imagehash.phash`` (hash_size 8, highfreq 4).
+    """64-bit DCT perceptual hash, bit-compatible with ``imagehash.phash`` (hash_size 8, highfreq 4) on 8-bit
+    images.
 
     The image is reduced to 32x32 grey (Lanczos), transformed with a 2-D DCT-II, and the 8x8 lowest
-    frequencies are compared with their median; bit 63 is the top-left coefficient.
+    frequencies are compared with their median; bit 63 is the top-left coefficient. 16-bit images are hashed
+    on their samples scaled to 0..255 (imagehash would clip them to 255: one hash for most such pictures).
     """
-    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    grey = np.asarray(_grey(image).resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = (_DCT32 @ grey @ _DCT32.T)[:8, :8]
     bits = (low > np.median(low)).reshape(-1)
     return int(np.packbits(bits).view(">u8")[0])
@@ -110,7 +124,7 @@ def _shrunk(image: Image.Image) -> Image.Image:
     The hash of the reduced image differs from ``imagehash.phash`` of the full one by a few bits at most.
     """
     factor = min(image.size) // _HASH_SOURCE
-    return image.convert("L").reduce(factor) if factor >= 2 else image
+    return _grey(image).reduce(factor) if factor >= 2 else image
 
 
 # 8-bit grey, RGB and RGBA PNGs (IHDR colour types 0, 2, 6): libspng decodes them to exactly Pillow's pixels
@@ -130,6 +144,20 @@ def _png_pixels(data: bytes, image: Image.Image) -> Image.Image:
             pass
     image.load()
     return image
+
+
+# Modes whose conversions to the loader's pixels (loader.pixels.pillow_pixels, rgb and grayscale) are known to
+# work; others are tried at inspection, so that a mode the loader cannot convert (LAB) is a reject, not a
+# training failure.
+_CONVERTS = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"})
+
+
+def _unmapped(image: Image.Image) -> str | None:
+    """Why the loader could not turn this image's samples into 0..255 pixels, from its header; None if it can."""
+    if image.mode[0] in "IF" and not sixteen_bit(image):
+        kind = "floating-point" if image.mode[0] == "F" else "32-bit or signed integer"
+        return f"{kind} samples (Pillow mode {image.mode}) have no defined 0..255 mapping; store 8 or 16 bits"
+    return None
 
 
 def _channels(image: Image.Image) -> int:
@@ -164,6 +192,10 @@ def inspect_bytes(data: bytes, etag: str = "", max_pixels: int = DEFAULT_MAX_PIX
             if width <= 0 or height <= 0:
                 return Rejected("unreadable", f"header claims {width}x{height} pixels")
             channels = _channels(image)  # from the header: a draft decode changes the mode
+            unmapped = _unmapped(image)
+            if unmapped is not None:
+                return Rejected("unsupported_format", unmapped)
+            route(fmt, data)  # the loader's choice of decoder: raises ValueError where its header checks fail
             if fmt == "jpeg" and min(width, height) >= 2 * _HASH_SOURCE:
                 # DCT-scaled grey: still reads and checks every byte. Smaller JPEGs decode in full, as
                 # imagehash decodes them, so their hash is bit-identical to imagehash's.
@@ -172,6 +204,12 @@ def inspect_bytes(data: bytes, etag: str = "", max_pixels: int = DEFAULT_MAX_PIX
                 image = _png_pixels(data, image)
             else:
                 image.load()
+            if image.mode not in _CONVERTS and not sixteen_bit(image):
+                try:
+                    pillow_pixels(image, 3)
+                    pillow_pixels(image, 1)
+                except ValueError as err:
+                    return Rejected("unsupported_format", f"Pillow cannot convert mode {image.mode}: {err}")
             hashed = phash(_shrunk(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         return Rejected("too_large", str(err))

@@ -24,7 +24,8 @@ import loader
 from loader import manifest as m
 from loader import source
 from loader.augment import sample_keys
-from loader.images import JPEG, NATIVE, decode, jpeg_scales, uniform_jpeg
+from loader.formats import JPEG, NATIVE
+from loader.images import decode, jpeg_scales, uniform_jpeg
 from loader.pipeline import _augmented
 from loader.sampling import group_probabilities
 from loader.stages import host_map
