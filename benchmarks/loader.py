@@ -149,6 +149,10 @@ def kernel_rates(folder: Path, rounds: int, files: int = 600, ext: str = "jpg") 
         ),
         "kernels: decode alone": each(lambda d: tf.io.decode_image(d, channels=3, expand_animations=False)),
     }
+    if uniform is None:  # formats without a DCT scale: what the box prefilter costs on top
+        kernels["kernels: strata decode, antialias=False"] = each(
+            lambda d: decode(d, how, scale, 3, IMAGE_SIZE, False, None, None, antialias=False)
+        )
 
     def cpu_rate(dataset: tf.data.Dataset) -> float:
         start = time.process_time()
@@ -199,13 +203,24 @@ def measure(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float
 
 def measure_format(folder: Path, dataset_uri: str, rounds: int, ext: str) -> dict[str, list[float]]:
     """Per-round images/s of our stratified pipeline at its default quality settings and keras', on the same
-    files of one format (``bmp``, ``png``), interleaved; and the kernels' rates (:func:`kernel_rates`)."""
+    files of one format (``bmp``, ``png``), interleaved; the same epochs' images per CPU-second of this
+    process ("cpu: ..."), which a busy machine sways less; and the kernels' rates (:func:`kernel_rates`)."""
     files = len(list(folder.rglob(f"*.{ext}")))
-    rates = interleaved(
-        {"keras image_dataset_from_directory": keras_baseline(folder), "strata stratified": ours(dataset_uri, files)},
-        rounds,
-    )
-    return {**rates, **kernel_rates(folder, rounds, files=min(files, 300), ext=ext)}
+    candidates = {
+        "keras image_dataset_from_directory": keras_baseline(folder),
+        "strata stratified": ours(dataset_uri, files),
+    }
+    cpu: dict[int, list[float]] = {id(dataset): [] for dataset in candidates.values()}
+
+    def rate(dataset: tf.data.Dataset) -> float:
+        start = time.process_time()
+        images_per_s = epoch_rate(dataset)
+        cpu[id(dataset)].append(files / (time.process_time() - start))
+        return images_per_s
+
+    rates = interleaved(candidates, rounds, rate)
+    per_cpu = {f"cpu: {name}": cpu[id(dataset)][1:] for name, dataset in candidates.items()}  # [0]: warm-up
+    return {**rates, **per_cpu, **kernel_rates(folder, rounds, files=min(files, 300), ext=ext)}
 
 
 if __name__ == "__main__":
