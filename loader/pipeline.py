@@ -85,7 +85,7 @@ def from_manifest(
             ``"box"`` (default) first averages blocks of the integer factor that keeps at least
             ``image_size`` (2x2 pixels for 640x480 -> 224x224), as the DCT scale does for a JPEG; True takes
             TensorFlow's antialiased resize (a triangle filter as wide as the shrink: the smoothest, and
-            several times the decode's cost); False samples bilinearly as is, like keras'
+            costing more than a BMP's decode); False samples bilinearly as is, like keras'
             ``image_dataset_from_directory`` (aliasing: fine detail turns into moire).
         roi: ``(y, x, h, w)`` crop in source pixels, applied before resizing.
         color_mode: ``"rgb"`` (3 channels) or ``"grayscale"`` (1).

@@ -41,7 +41,8 @@ def bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         np.add.at(matrix, (rows, np.clip(np.ceil(x), 0, n_in - 1).astype(int)), x - low)
         return matrix
 
-    return np.einsum("yh,hwc,xw->yxc", weights(image.shape[0], size[0]), image, weights(image.shape[1], size[1]))
+    rows = np.tensordot(weights(image.shape[0], size[0]), image, axes=(1, 0))  # [size[0], W, C]
+    return np.einsum("yhc,xh->yxc", rows, weights(image.shape[1], size[1]), optimize=True)
 
 
 def vial(width: int, height: int) -> Image.Image:
