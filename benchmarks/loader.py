@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import loader
 from benchmarks.data import CLASSES, SIZE
+from loader.formats import JPEG, NATIVE
 from loader.images import decode, jpeg_scales, uniform_jpeg
 
 BATCH = 32
@@ -115,37 +116,44 @@ def fit_rate(images: int, epochs: int = FIT_EPOCHS) -> Callable[[tf.data.Dataset
     return rate
 
 
-def kernel_rates(folder: Path, rounds: int, files: int = 600) -> dict[str, list[float]]:
-    """Images per CPU-second of the decode+resize kernels alone, ours against keras', on the same bytes: no
-    pipeline around them, one image after another in a single call, interleaved as the pipelines are.
+def kernel_rates(folder: Path, rounds: int, files: int = 600, ext: str = "jpg") -> dict[str, list[float]]:
+    """Images per CPU-second of the decode+resize kernels alone, ours (at the loader's defaults) against keras',
+    on the same bytes: no pipeline around them, one image after another in a single call, interleaved as the
+    pipelines are; and of TensorFlow's decode alone, which both pay in full.
 
-    Their ratio is what the loader row would show if neither pipeline cost anything beyond its kernels. Both
-    pay JPEG's entropy decoding in full, which no DCT scale avoids; the rest of the row's ratio is what the
-    pipelines themselves cost per image.
+    Their ratio is what the loader row would show if neither pipeline cost anything beyond its kernels. For
+    JPEG, both pay the entropy decoding in full, which no DCT scale avoids; the rest of the row's ratio is
+    what the pipelines themselves cost per image.
     """
-    data = tf.constant([path.read_bytes() for path in sorted(folder.rglob("*.jpg"))[:files]])
+    data = tf.constant([path.read_bytes() for path in sorted(folder.rglob(f"*.{ext}"))[:files]])
     widths, heights = np.array([SIZE[0]]), np.array([SIZE[1]])
-    scales = jpeg_scales(widths, heights, IMAGE_SIZE, None, False)
-    uniform = uniform_jpeg(np.array(["jpeg"]), scales, widths, heights, IMAGE_SIZE, None)
-    none = tf.constant(0)
+    formats = np.array(["jpeg" if ext == "jpg" else ext])
+    scales = jpeg_scales(widths, heights, IMAGE_SIZE, None, False) if ext == "jpg" else np.zeros(1, np.int32)
+    uniform = uniform_jpeg(formats, scales, widths, heights, IMAGE_SIZE, None)
+    how, scale = tf.constant(JPEG if ext == "jpg" else NATIVE), tf.constant(int(scales[0]))
 
     def each(kernel: Callable[[tf.Tensor], tf.Tensor]) -> tf.data.Dataset:
         def run(batch: tf.Tensor) -> tf.Tensor:
             total = tf.constant(0.0)
             for i in tf.range(tf.shape(batch)[0]):
-                total += kernel(batch[i])[0, 0, 0]
+                total += tf.cast(kernel(batch[i])[0, 0, 0], tf.float32)
             return total
 
         # One element holding every image: the kernels run under tf.data's threading, as in both pipelines.
         return tf.data.Dataset.from_tensors(data).map(run)
 
     kernels = {
-        "kernels: strata decode": each(lambda d: decode(d, none, none, 3, IMAGE_SIZE, False, None, uniform)),
+        "kernels: strata decode": each(lambda d: decode(d, how, scale, 3, IMAGE_SIZE, False, None, uniform)),
         # keras.utils.image_dataset_from_directory's own load_image, without the file read
         "kernels: keras decode": each(
             lambda d: tf.image.resize(tf.io.decode_image(d, channels=3, expand_animations=False), IMAGE_SIZE)
         ),
+        "kernels: decode alone": each(lambda d: tf.io.decode_image(d, channels=3, expand_animations=False)),
     }
+    if uniform is None:  # formats without a DCT scale: what the box prefilter costs on top
+        kernels["kernels: strata decode, antialias=False"] = each(
+            lambda d: decode(d, how, scale, 3, IMAGE_SIZE, False, None, None, antialias=False)
+        )
 
     def cpu_rate(dataset: tf.data.Dataset) -> float:
         start = time.process_time()
@@ -155,10 +163,11 @@ def kernel_rates(folder: Path, rounds: int, files: int = 600) -> dict[str, list[
     return interleaved(kernels, rounds, cpu_rate)
 
 
-def measure_apart(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float]]:
-    """:func:`measure` in a fresh Python process, away from the Prefect server, the flow's threads and the
-    heap the curation left behind; ours and the baselines still share that one process."""
-    command = [sys.executable, "-m", "benchmarks.loader", str(folder), dataset_uri, str(rounds)]
+def measure_apart(folder: Path, dataset_uri: str, rounds: int, ext: str = "jpg") -> dict[str, list[float]]:
+    """:func:`measure` (JPEG) or :func:`measure_format` (another ``ext``) in a fresh Python process, away from
+    the Prefect server, the flow's threads and the heap the curation left behind; ours and the baselines
+    still share that one process."""
+    command = [sys.executable, "-m", "benchmarks.loader", str(folder), dataset_uri, str(rounds), ext]
     result = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if result.returncode != 0:
         raise RuntimeError(f"loader benchmark failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
@@ -193,5 +202,28 @@ def measure(folder: Path, dataset_uri: str, rounds: int) -> dict[str, list[float
     return {**rates, **training, **kernel_rates(folder, rounds)}
 
 
+def measure_format(folder: Path, dataset_uri: str, rounds: int, ext: str) -> dict[str, list[float]]:
+    """Per-round images/s of our stratified pipeline at its default quality settings and keras', on the same
+    files of one format (``bmp``, ``png``), interleaved; the same epochs' images per CPU-second of this
+    process ("cpu: ..."), which a busy machine sways less; and the kernels' rates (:func:`kernel_rates`)."""
+    files = len(list(folder.rglob(f"*.{ext}")))
+    candidates = {
+        "keras image_dataset_from_directory": keras_baseline(folder),
+        "strata stratified": ours(dataset_uri, files),
+    }
+    cpu: dict[int, list[float]] = {id(dataset): [] for dataset in candidates.values()}
+
+    def rate(dataset: tf.data.Dataset) -> float:
+        start = time.process_time()
+        images_per_s = epoch_rate(dataset)
+        cpu[id(dataset)].append(files / (time.process_time() - start))
+        return images_per_s
+
+    rates = interleaved(candidates, rounds, rate)
+    per_cpu = {f"cpu: {name}": cpu[id(dataset)][1:] for name, dataset in candidates.items()}  # [0]: warm-up
+    return {**rates, **per_cpu, **kernel_rates(folder, rounds, files=min(files, 300), ext=ext)}
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))))
+    folder, uri, rounds, ext = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    print(json.dumps(measure(folder, uri, rounds) if ext == "jpg" else measure_format(folder, uri, rounds, ext)))

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import fsspec
 import numpy as np
@@ -43,6 +43,9 @@ log = logging.getLogger("loader")
 # reduced scales most pipelines decode at (benchmarks/NOTES.md).
 IDCT = "INTEGER_ACCURATE"
 RATIOS = (1, 2, 4, 8)
+# How shrinks of more than 2x are filtered before bilinear sampling (see resize()).
+Antialias = Literal["box"] | bool
+ANTIALIAS: tuple[Antialias, ...] = ("box", True, False)
 _RETRIES = (0.5, 2.0, 8.0)
 
 
@@ -188,21 +191,55 @@ def decode_pixels(
     return image
 
 
-def resize(images: tf.Tensor, image_size: tuple[int, int], keep_aspect_ratio: bool, antialias: bool) -> tf.Tensor:
+def resize(
+    images: tf.Tensor, image_size: tuple[int, int], keep_aspect_ratio: bool, antialias: Antialias
+) -> tf.Tensor:
     """Resize ``[H, W, C]`` or ``[B, H, W, C]`` pixels (uint8 or float32) bilinearly to ``image_size``: float32.
 
     ``keep_aspect_ratio`` scales to fit and pads with zeros (centred), so no pixel of the object is cut away.
-    Antialiasing costs more than the decode; it matters only when shrinking by more than 2x (a reduced-scale
-    JPEG never is: its DCT scaling already averaged the pixels away).
+    ``antialias`` filters before sampling (callers pass False when the image shrinks by 2x or less, where
+    bilinear sampling already averages neighbours): ``"box"`` averages blocks of the integer factor first
+    (:func:`box_reduce`), True takes TensorFlow's antialiased resize (a triangle filter as wide as the
+    shrink: the smoothest and by far the costliest), False samples as is.
     """
+    if antialias == "box":
+        images = box_reduce(images, image_size, keep_aspect_ratio)
     if keep_aspect_ratio:
-        return tf.image.resize_with_pad(images, image_size[0], image_size[1], antialias=antialias)
-    return tf.image.resize(images, image_size, antialias=antialias)
+        return tf.image.resize_with_pad(images, image_size[0], image_size[1], antialias=antialias is True)
+    return tf.image.resize(images, image_size, antialias=antialias is True)
+
+
+def box_reduce(images: tf.Tensor, image_size: tuple[int, int], keep_aspect_ratio: bool) -> tf.Tensor:
+    """Shrink ``[H, W, C]`` or ``[B, H, W, C]`` pixels (uint8 or float32) by the integer factors that keep at
+    least ``image_size`` (``floor(H / height)`` and ``floor(W / width)``, at least 1; with
+    ``keep_aspect_ratio`` the larger of the two on both sides), averaging the pixels each output pixel
+    covers: float32 ``[H // kh, W // kw, C]``.
+
+    Where the factors divide the size, every output pixel is the mean of its kh x kw block, the box filter a
+    JPEG's DCT scale applies; otherwise the blocks span the whole image, slightly more than k pixels each.
+    Factors up to 2 take TensorFlow's bilinear resize (sampling at the centre of each 2x2 block averages it
+    exactly, and costs less than the area resize), larger ones its area resize.
+    """
+    static = images.shape[-3:-1]
+    if static.is_fully_defined():
+        height, width, maximum = int(static[0]), int(static[1]), max
+    else:
+        shape = tf.shape(images)
+        height, width, maximum = shape[-3], shape[-2], tf.maximum
+    factor_h, factor_w = maximum(height // image_size[0], 1), maximum(width // image_size[1], 1)
+    if keep_aspect_ratio:
+        factor_h = factor_w = maximum(factor_h, factor_w)
+    size = (height // factor_h, width // factor_w)
+    pairs = maximum(factor_h, factor_w) <= 2
+    if isinstance(pairs, bool):
+        return tf.image.resize(images, size, method="bilinear" if pairs else "area")
+    size = tf.stack(size)
+    return tf.cond(pairs, lambda: tf.image.resize(images, size), lambda: tf.image.resize(images, size, method="area"))
 
 
 def shrinks(size: tuple[Any, Any], image_size: tuple[int, int]) -> Any:
     """Whether resizing ``size`` (heights, widths: ints or arrays) to ``image_size`` shrinks either side by more
-    than 2x, and so antialiases."""
+    than 2x, and so filters before sampling."""
     return (size[0] > 2 * image_size[0]) | (size[1] > 2 * image_size[1])
 
 
@@ -216,23 +253,29 @@ def decode(
     roi: tuple[int, int, int, int] | None,
     uniform: tuple[int, bool] | None = None,
     sample_bits: int = 16,
+    antialias: Antialias = "box",
 ) -> tf.Tensor:
     """Decode, crop and resize one image in the graph (:func:`decode_pixels`, :func:`resize`); float32
     ``[H, W, C]`` in 0..255."""
-    # TensorFlow's bilinear resize of one image runs a third faster on float32 than on uint8 (0.23 ms with the
-    # cast vs 0.36 for 320x240 -> 224x224), and the results are the same.
-    image = tf.cast(decode_pixels(data, how, scale, channels, roi, uniform, sample_bits), tf.float32)
+    pixels = decode_pixels(data, how, scale, channels, roi, uniform, sample_bits)
     if image_size is None:
-        return image
+        return tf.cast(pixels, tf.float32)
+    # Sampling: TensorFlow's bilinear resize runs faster on float32 than on uint8 for the small images a JPEG's
+    # DCT scale yields, with the same results (for a full-size BMP or PNG the cast costs more than it saves:
+    # benchmarks/NOTES.md). Filtering: the box reads the uint8 pixels, sparing a float32 copy of the image.
+
+    def sampled() -> tf.Tensor:
+        return resize(tf.cast(pixels, tf.float32), image_size, keep_aspect_ratio, False)
+
+    def filtered() -> tf.Tensor:
+        return resize(pixels, image_size, keep_aspect_ratio, antialias)
+
     if uniform is not None:
-        return resize(image, image_size, keep_aspect_ratio, uniform[1])
-    height, width = tf.unstack(tf.shape(image)[:2])
-    shrinking = shrinks((height, width), image_size)
-    return tf.cond(
-        shrinking,
-        lambda: resize(image, image_size, keep_aspect_ratio, True),
-        lambda: resize(image, image_size, keep_aspect_ratio, False),
-    )
+        return filtered() if uniform[1] and antialias is not False else sampled()
+    if antialias is False:
+        return sampled()
+    height, width = tf.unstack(tf.shape(pixels)[:2])
+    return tf.cond(shrinks((height, width), image_size), filtered, sampled)
 
 
 def _jpeg(data: tf.Tensor, ratio: int, channels: int, colour: bool) -> tf.Tensor:

@@ -21,6 +21,8 @@ from loader import manifest as m
 from loader import sampling
 from loader.augment import Augment
 from loader.images import (
+    ANTIALIAS,
+    Antialias,
     Reader,
     common_size,
     decode,
@@ -53,6 +55,7 @@ def from_manifest(
     batch_size: int = 32,
     image_size: tuple[int, int] | None = (224, 224),
     keep_aspect_ratio: bool = False,
+    antialias: Antialias = "box",
     roi: tuple[int, int, int, int] | None = None,
     color_mode: str = "rgb",
     sample_bits: int = 16,
@@ -79,6 +82,13 @@ def from_manifest(
         batch_size: images per batch; ignored with ``balanced``, whose batches hold classes x images.
         image_size: ``(height, width)`` to resize to; None keeps the stored size (all images must share it).
         keep_aspect_ratio: scale to fit inside ``image_size`` and pad with zeros (centred) instead of stretching.
+        antialias: how an image that shrinks by more than 2x on a side is filtered before bilinear sampling
+            (smaller shrinks are sampled as is; a JPEG decoded at a reduced DCT scale is already averaged):
+            ``"box"`` (default) first averages blocks of the integer factor that keeps at least
+            ``image_size`` (2x2 pixels for 640x480 -> 224x224), as the DCT scale does for a JPEG; True takes
+            TensorFlow's antialiased resize (a triangle filter as wide as the shrink: the smoothest, and
+            costing more than a BMP's decode); False samples bilinearly as is, like keras'
+            ``image_dataset_from_directory`` (aliasing: fine detail turns into moire).
         roi: ``(y, x, h, w)`` crop in source pixels, applied before resizing.
         color_mode: ``"rgb"`` (3 channels) or ``"grayscale"`` (1): Pillow's ``convert("RGB")`` and
             ``convert("L")`` of every format and mode (docs/loader.md).
@@ -216,11 +226,14 @@ def from_manifest(
             images = raw.stack()  # resized as uint8: the same pixels as a float32 copy gives, without the copy
             if image_size is None:
                 return {"image": tf.cast(images, tf.float32), **rest}
-            return {"image": resize(images, image_size, keep_aspect_ratio, shrinks(stacked, image_size)), **rest}
+            filtering = antialias if shrinks(stacked, image_size) else False
+            return {"image": resize(images, image_size, keep_aspect_ratio, filtering), **rest}
         images = tf.TensorArray(tf.float32, size=count, element_shape=[*shape, channels])
         for i in tf.range(count):
             how, scale = e["how"][i], e["scale"][i]
-            image = decode(read(i), how, scale, channels, image_size, keep_aspect_ratio, roi, uniform, sample_bits)
+            image = decode(
+                read(i), how, scale, channels, image_size, keep_aspect_ratio, roi, uniform, sample_bits, antialias
+            )
             if on_cpu:
                 image = augment.apply(image[None], e["params"][i][None], e["noise_seed"][i][None])[0]
             images = images.write(i, image)
@@ -327,6 +340,11 @@ def _check(args: Mapping[str, Any]) -> int:
         raise ConfigError(f"on_error {args['on_error']!r} is not 'raise' or 'skip'")
     if not isinstance(args["sample_bits"], int) or not 9 <= args["sample_bits"] <= 16:
         raise ConfigError(f"sample_bits must be an integer from 9 to 16 (16-bit files), got {args['sample_bits']!r}")
+    if not any(args["antialias"] is v if isinstance(v, bool) else args["antialias"] == v for v in ANTIALIAS):
+        raise ConfigError(
+            f"antialias {args['antialias']!r} is not one of {', '.join(map(repr, ANTIALIAS))}: 'box' averages "
+            "pixel blocks before shrinking, True is the full antialiased resize, False plain bilinear sampling"
+        )
     if not isinstance(args["batch_size"], int) or args["batch_size"] < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {args['batch_size']!r}")
     size = args["image_size"]

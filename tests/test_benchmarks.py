@@ -12,6 +12,8 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS = {
     "loader",
     "loader_augmented",
+    "loader_bmp",
+    "loader_png",
     "inspect",
     "split",
     "incremental",
