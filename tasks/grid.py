@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 from collections.abc import Sequence
 
 import fsspec
@@ -72,6 +73,9 @@ def markdown(png: bytes, caption: str, budget: int = UI_BUDGET) -> str:
     until it fits keeps every run's summary quick to open. A grid that does not fit even at a quarter of its
     size (hundreds of categories) is named instead of shown.
     """
+    width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR: decide before decoding it
+    if width * height > (Image.MAX_IMAGE_PIXELS or width * height):
+        return _too_large(caption)
     with Image.open(io.BytesIO(png)) as image:
         grid = image.convert("RGB")
     scale = 1.0
@@ -85,6 +89,10 @@ def markdown(png: bytes, caption: str, budget: int = UI_BUDGET) -> str:
         uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
         if len(uri) <= budget:
             return f"![{caption}]({uri})"
+    return _too_large(caption)
+
+
+def _too_large(caption: str) -> str:
     return f"{caption}: the sample grid is too large to show here; it is `{m.GRID_FILE}` in the version."
 
 
