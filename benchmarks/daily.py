@@ -358,6 +358,10 @@ def daily_run_row(work: Path, rows: int, new: int = 1000) -> dict:
         REGEX,
     ]
     env = {**os.environ, "PREFECT_LOGGING_LEVEL": "INFO", "PREFECT_HOME": str(work / "daily-prefect")}
+    # A daily run finds the Prefect home of yesterday's: migrate its database first with a run of two images.
+    warm = make_images(work / "daily-warm", 2, formats=("png",), seed=4)
+    warm_run = [*command[:4], str(warm), "--dataset", "warm", "--manifests", str(work / "daily-warm-m")]
+    subprocess.run(warm_run, capture_output=True, cwd=REPO, env=env, check=True)
     try:
         run = subprocess.run(
             [sys.executable, "-c", DAILY, "--", *command], capture_output=True, text=True, cwd=REPO, env=env

@@ -29,7 +29,7 @@ def train(manifests: str, epochs: int) -> dict[str, float]:
         augment=loader.Augment(flip=0.5, rotate=0.5, max_angle=10, brightness=0.5, contrast=0.5, noise=0.3),
         **common,
     )
-    devel = loader.from_manifest(dataset, purpose="devel", stratify_by=None, shuffle=False, batch_size=16, **common)
+    devel = loader.from_manifest(dataset, purpose="devel", shuffle=False, batch_size=16, **common)
     classes = train.class_names
     print(f"version {train.version}, classes {classes}")
 

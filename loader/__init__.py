@@ -28,5 +28,14 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        try:
+            module = importlib.import_module(_LAZY[name])
+        except ModuleNotFoundError as err:
+            if err.name != "tensorflow":
+                raise
+            raise ImportError(
+                f"loader.{name} needs TensorFlow (2.16 to 2.21), which strata never installs over a worker's "
+                "own: install tensorflow (or tensorflow-cpu), or strata's tf extra (pip install -e '.[tf]')"
+            ) from err
+        return getattr(module, name)
     raise AttributeError(f"module 'loader' has no attribute {name!r}")

@@ -9,7 +9,8 @@ local files are read in the graph), rebatch, then per batch and in parallel deco
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Mapping, Sequence
+import warnings
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -56,7 +57,7 @@ def from_manifest(
     color_mode: str = "rgb",
     rescale: str | None = None,
     label_mode: str | None = "int",
-    stratify_by: Sequence[str] | None = (m.CATEGORY,),
+    stratify_by: Sequence[str] | None | Literal["auto"] = "auto",
     weighting: sampling.Weighting = "uniform",
     balanced: tuple[int, int] | None = None,
     shuffle: bool = True,
@@ -82,6 +83,8 @@ def from_manifest(
         rescale: None keeps 0..255; ``"0-1"``, ``"-1-1"``, or ``"imagenet"`` (per-channel mean/std).
         label_mode: ``"int"`` (int32 ``[B]``), ``"categorical"`` (one-hot float32 ``[B, K]``), or None.
         stratify_by: manifest columns whose value combinations are the groups (strata); None: plain shuffle.
+            ``"auto"`` (the default) stratifies by category for ``purpose="train"`` and reads every other
+            purpose (and None) plainly: an evaluation epoch yields every sample exactly once.
         weighting: group draw weight from its size: uniform, count, sqrt, log (``ln(1+n)``),
             logx+1 (``ln(n)+1``), or a callable ``count -> weight``.
         balanced: ``(classes_per_batch, images_per_class)``: every batch holds exactly that many distinct
@@ -122,6 +125,8 @@ def from_manifest(
 
     if augment is not None and augment.rotate90 > 0 and shape[0] != shape[1]:
         raise ConfigError(f"Augment(rotate90=...) needs square images, but they come out {shape[1]}x{shape[0]}")
+    if isinstance(stratify_by, str) and stratify_by == "auto":
+        stratify_by = (m.CATEGORY,) if purpose == "train" else None
     columns = tuple(stratify_by) if stratify_by else ((m.CATEGORY,) if balanced else ())
     codes = rows.groupby(list(columns), sort=True).ngroup().to_numpy() if columns else np.zeros(len(rows), np.int64)
     probabilities = sampling.group_probabilities(np.bincount(codes), weighting) if columns else np.ones(1)
@@ -136,6 +141,8 @@ def from_manifest(
         return sampling.plain(owned, seed, shuffle, first_epoch)
 
     draws(0)  # fail here, not at the first batch, when the sampler cannot work (too few classes)
+    if balanced:
+        _warn_repeats(rows, columns, codes[owned], balanced[1])
     locations = m.object_locations(resolved, rows[m.PATH])  # fsspec URLs: fsspec does not percent-decode
     image_fs, _ = open_url(locations[0], storage_options)
     remote = not isinstance(image_fs, LocalFileSystem)
@@ -237,6 +244,24 @@ def from_manifest(
     return dataset
 
 
+def _warn_repeats(rows: pd.DataFrame, columns: tuple[str, ...], codes: np.ndarray, per_group: int) -> None:
+    """Warn, naming them, about groups with fewer images than a balanced batch takes of each: their images
+    repeat within a batch."""
+    counts = np.bincount(codes, minlength=int(codes.max()) + 1 if len(codes) else 0)
+    short = [g for g in range(len(counts)) if counts[g] < per_group]
+    if not short:
+        return
+    names = rows.groupby(list(columns), sort=True).size().index
+    shown = ", ".join(f"{names[g]!r} has {counts[g]}" for g in short[:5])
+    warnings.warn(
+        f"balanced batches take {per_group} images of each {'/'.join(columns)} but {shown}"
+        f"{f' (and {len(short) - 5} more)' if len(short) > 5 else ''}: their images repeat within a batch. "
+        "Lower images_per_class, or add images of those classes",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
 def _batches(rows: int, size: int, epochs: int | None, balanced: bool) -> int | None:
     """How many batches a finite pipeline yields: draws run across epoch ends, only the last batch is short."""
     if epochs is None:
@@ -307,7 +332,7 @@ def _check(args: Mapping[str, Any]) -> int:
         )
     if args["augment"] is not None and not isinstance(args["augment"], Augment):
         raise ConfigError(f"augment must be a loader.Augment, got {type(args['augment']).__name__}")
-    if args["stratify_by"] is not None:
+    if args["stratify_by"] is not None and not (isinstance(args["stratify_by"], str) and args["stratify_by"] == "auto"):
         if isinstance(args["stratify_by"], str):
             raise ConfigError(f"stratify_by must be a sequence of columns, e.g. ({args['stratify_by']!r},)")
         unknown = [c for c in args["stratify_by"] if c not in m.COLUMNS]

@@ -216,12 +216,15 @@ class _WithoutTraceback:
 
 def _curate(source: str, dataset: str, manifests: str, args: argparse.Namespace) -> int:
     options = _options(args)
-    from flows.curate import curate_dataset
     from strata import outcome as outcomes
     from strata.servers import temporary_servers
 
-    with _console(args.quiet, args.verbose, getattr(args, "restore_console", True)), temporary_servers():
-        # temporary_servers: a killed run's temporary API server is stopped by the next run
+    with _console(args.quiet, args.verbose, getattr(args, "restore_console", True)), temporary_servers() as ready:
+        # temporary_servers: a killed run's temporary API server is stopped by the next run; it boots while
+        # the flow's stack imports
+        from flows.curate import curate_dataset
+
+        ready()
         state = curate_dataset(
             source=source, dataset=dataset, manifest_root=manifests, options=options, return_state=True
         )

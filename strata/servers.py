@@ -16,8 +16,9 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -110,22 +111,47 @@ def reap(directory: Path) -> list[int]:
 
 
 @contextmanager
-def temporary_servers() -> Iterator[None]:
+def temporary_servers() -> Iterator[Callable[[], None]]:
     """Around a run: reap servers of killed runs, start and record this run's temporary API server (when no
-    ``PREFECT_API_URL`` is set), and forget the record once the run ends normally."""
-    from prefect import get_client
+    ``PREFECT_API_URL`` is set), and forget the record once the run ends normally.
+
+    The server boots in a thread while the caller goes on (importing the flow and its stack takes about as
+    long as the server's start); it yields ``ready``, which waits for the server and must be called before
+    the run begins.
+    """
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
     directory = Path(settings.home) / "strata" / "servers"
     reap(directory)
-    record = None
+    records: list[Path | None] = []
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        from prefect import get_client
+
+        try:
+            with get_client(sync_client=True) as client:  # starts Prefect's temporary server now, not mid-run
+                client.api_healthcheck()
+            records.append(record_servers(directory))
+        except BaseException as err:  # handed to the caller by ready()
+            failures.append(err)
+
+    starter = threading.Thread(target=start, name="strata-api-server", daemon=True)
     if settings.api.url is None:
-        with get_client(sync_client=True) as client:  # starts Prefect's temporary server now, not mid-run
-            client.api_healthcheck()
-        record = record_servers(directory)
+        starter.start()
+
+    def ready() -> None:
+        if starter.ident is not None:
+            starter.join()
+        if failures:
+            raise failures[0]
+
     try:
-        yield
+        yield ready
     finally:
-        if record is not None:
-            record.unlink(missing_ok=True)
+        if starter.ident is not None:
+            starter.join()
+        for record in records:
+            if record is not None:
+                record.unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
+import warnings
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
@@ -159,6 +159,30 @@ def test_plain_epochs_yield_every_sample_exactly_once(classes: str) -> None:
     assert sorted(two[:55]) == sorted(two[55:]) == list(range(55)) and two[:55] != two[55:]
     ordered = [v for x, _ in loader.from_manifest(classes, stratify_by=None, shuffle=False, **GRAY) for v in ids(x)]
     assert ordered == list(range(55))
+
+
+def test_evaluation_purposes_default_to_every_sample_once_and_train_to_stratified(tmp_path: Path) -> None:
+    samples = sized_classes({"a": 12, "b": 3, "c": 1})
+    purposes = ["devel", "train", "test", "train"]
+    samples = [(key, data, purposes[i % 4]) for i, (key, data, _) in enumerate(samples)]
+    dataset = publish(str(tmp_path), samples)
+    for purpose in ("devel", "test"):
+        expected = sorted(i for i in range(16) if purposes[i % 4] == purpose)
+        seen = [v for x, _ in loader.from_manifest(dataset, purpose=purpose, batch_size=3, **GRAY) for v in ids(x)]
+        assert sorted(seen) == expected, purpose  # each once, whatever the class sizes
+    seen = [v for x, _ in loader.from_manifest(dataset, purpose=None, batch_size=5, **GRAY) for v in ids(x)]
+    assert sorted(seen) == list(range(16))
+    train = loader.from_manifest(dataset, purpose="train", batch_size=400, repeat=True, **GRAY)
+    labels = next(iter(train))[1].numpy()
+    assert np.abs(np.bincount(labels, minlength=3) / 400 - 1 / 3).max() < 0.08  # classes drawn alike
+
+
+def test_balanced_batches_that_must_repeat_an_image_warn_naming_the_class(classes: str) -> None:
+    with pytest.warns(UserWarning, match=r"4 images of each category but 'd' has 1"):
+        loader.from_manifest(classes, balanced=(3, 4), **GRAY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loader.from_manifest(classes, balanced=(3, 1), **GRAY)
 
 
 def test_iterating_again_continues_with_the_next_epoch(classes: str) -> None:
@@ -582,22 +606,6 @@ def test_a_process_exits_while_its_pipeline_is_still_reading(tmp_path: Path) -> 
     for run in runs:
         out, err = run.communicate(timeout=120)
         assert (run.returncode, out.strip()) == (0, b"done"), err.decode()[-3000:]
-
-
-def test_loader_imports_without_prefect_or_great_expectations(classes: str) -> None:
-    script = textwrap.dedent(
-        f"""
-        import sys
-        for name in ("prefect", "great_expectations"):
-            sys.modules[name] = None  # any import of them now fails
-        import loader
-        ds = loader.from_manifest({classes!r}, batch_size=55, image_size=None, color_mode="grayscale")
-        print(sum(int(y.shape[0]) for _, y in ds))
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "55"
 
 
 def test_example_curates_the_demo_and_trains_one_epoch(tmp_path: Path) -> None:

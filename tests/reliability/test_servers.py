@@ -61,7 +61,12 @@ def test_the_next_run_stops_the_server_a_killed_run_left(tmp_path: Path, write_i
 
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "strata.cli", *args[:-1]], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+            [sys.executable, "-m", "strata.cli", *args[:-1]],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert done.returncode == 0 and "published version 1" in done.stdout, done.stderr
         assert not any(_alive(s["pid"], s["start"]) for s in servers)
