@@ -34,7 +34,7 @@ from flows.runners import chunk_size
 from loader import manifest as m
 from strata.config import CurateOptions
 from strata.deployments import limit_name
-from tests.browser import Browser
+from tests.browser import Browser, chromium
 from tests.conftest import _free_port, artifact, encode, kinds, log_records, picture, run_artifacts, run_logs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,6 +347,7 @@ def test_the_ui_shows_outcomes_artifacts_and_the_sample_grid(server: dict[str, s
     """The Prefect UI in headless Chromium, logged in with the server's auth string: the run list shows a
     Published and a Needs review run by name, Needs review in the failed style; a run's artifacts; the sample
     grid loaded from the summary. Screenshots go to $STRATA_SCREENSHOTS (default ./screenshots-out)."""
+    chromium()  # skipped without it (failed in CI) before any run
     screenshots = Path(os.environ.get("STRATA_SCREENSHOTS") or REPO / "screenshots-out")
     source, root = _source(tmp_path, "src", range(12)), tmp_path / "manifests"
     assert _curate(source, root, "vials-ui").name == "Published"
