@@ -323,8 +323,8 @@ def summary_markdown(summary: CurateSummary, result: Result, parameters: Mapping
 
 
 def _parameters_table(parameters: Mapping[str, Any]) -> pd.DataFrame:
-    """Values as code: markdown would eat the backslashes of a regex."""
-    values = [f"`{str(v).replace('`', chr(39))}`" for v in parameters.values()]
+    """Values as code spans: markdown would eat the backslashes of a regex."""
+    values = ["`" + str(v).replace("`", "'") + "`" for v in parameters.values()]
     return pd.DataFrame({"parameter": list(parameters), "value": values})
 
 
