@@ -26,7 +26,9 @@ import yaml
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.deployments import run_deployment
+from prefect.events.worker import EventsWorker
 from prefect.exceptions import ObjectNotFound
+from prefect.logging.handlers import APILogWorker
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from flows.curate import curate_dataset
@@ -106,6 +108,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         _wait_until(healthy, "prefect server start")
         with temporary_settings({PREFECT_API_URL: url, PREFECT_API_AUTH_STRING: AUTH}):
             yield env
+            # Flows run in this process (the UI and Dask tests) leave log and event workers bound to this
+            # server: flush them while it is up, or the session's teardown waits on them for ever.
+            APILogWorker.drain_all(timeout=60, at_exit=False)
+            EventsWorker.drain_all(timeout=60, at_exit=False)
     finally:
         _stop(process)
         log.close()
