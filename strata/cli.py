@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the curation deployments of a prefect.yaml with flow.serve: schedules fire and "
         "runs triggered from the UI or API execute here until Ctrl-C. Creates each dataset's concurrency "
         "limit. Needs a Prefect server (PREFECT_API_URL); run from the repository root, where the file's "
-        "relative paths point.",
+        "relative paths point. Refuses deployments a worker has (made by prefect deploy); on stop, pauses only "
+        "the deployments it serves.",
     )
     serve.add_argument(
         "--prefect-file",
@@ -443,9 +444,14 @@ def _describe(err: Exception) -> str:
     import httpx
 
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    url = os.environ.get("PREFECT_API_URL")
+    where = f"the Prefect API at {url}" if url else "the temporary Prefect API"
+    if isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403):
+        return (
+            f"{where} refused the request ({err.response.status_code} {err.response.reason_phrase}): it needs "
+            "basic auth. Set PREFECT_API_AUTH_STRING to the server's PREFECT_SERVER_API_AUTH_STRING (user:password)"
+        )
     if isinstance(err, (httpx.HTTPError, ConnectionError)) or "Failed to reach API" in text:
-        url = os.environ.get("PREFECT_API_URL")
-        where = f"the Prefect API at {url}" if url else "the temporary Prefect API"
         return (
             f"cannot reach {where} ({type(err).__name__}: {text}). Start the server (prefect server start), "
             "correct PREFECT_API_URL, or unset it to run on a temporary local API"

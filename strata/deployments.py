@@ -4,6 +4,11 @@ The same file serves ``prefect deploy --all --prefect-file deployments/prefect.y
 ``process`` work pool's worker) and ``strata serve`` (runs in-process with ``flow.serve``). Both create the
 global concurrency limit ``strata-dataset-<name>`` per dataset, which the flow holds for a whole run so that
 runs of one dataset take turns.
+
+A deployment is the worker's or serve's, never both: ``flow.serve`` would update a worker deployment of the
+same name in place (dropping its pull steps, so the worker's next run crashes) and pause it on Ctrl-C. So
+``strata serve`` refuses a name that is deployed on a work pool, and on stop pauses only deployments that
+are still served (no work pool): a ``prefect deploy`` made while it ran keeps its schedule.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from strata.errors import ConfigError
 
 DEFAULT_PREFECT_FILE = "deployments/prefect.yaml"
 FLOW_ENTRYPOINT = "flows/curate.py:curate_dataset"
+FLOW_NAME = "curate-dataset"  # the flow's name on the server (flows/curate.py)
 
 
 def limit_name(dataset: str) -> str:
@@ -64,8 +70,57 @@ def create_concurrency_limits(prefect_file: str = DEFAULT_PREFECT_FILE) -> dict[
     return {"concurrency_limits": names}
 
 
+def deployment_name(spec: dict[str, Any]) -> str:
+    """``<flow name>/<deployment name>``, as the server and ``prefect deployment run`` know it."""
+    return f"{FLOW_NAME}/{spec['name']}"
+
+
+def refuse_worker_deployments(specs: list[dict[str, Any]], prefect_file: str) -> None:
+    """Raise ConfigError if one of ``specs`` is deployed on a work pool: serving it would take it from its worker."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for spec in specs:
+            try:
+                existing = client.read_deployment_by_name(deployment_name(spec))
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name is not None:
+                taken.append(f"{deployment_name(spec)} (work pool {existing.work_pool_name!r})")
+    if taken:
+        raise ConfigError(
+            f"{prefect_file}: {', '.join(taken)} already deployed for a worker (prefect deploy); serving it would "
+            "take it from its worker. Let the worker run it, serve other deployments (--name, or a --prefect-file "
+            "of deployments the worker does not have), or first delete it: prefect deployment delete NAME"
+        )
+
+
+def pause_served(specs: list[dict[str, Any]]) -> list[str]:
+    """Pause the schedules of ``specs`` that are still served (no work pool); returns those paused.
+
+    What ``flow.serve`` does on shutdown, except that a deployment a ``prefect deploy`` took over meanwhile
+    keeps its schedule: its worker runs it now.
+    """
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    paused = []
+    with get_client(sync_client=True) as client:
+        for spec in specs:
+            try:
+                deployment = client.read_deployment_by_name(deployment_name(spec))
+            except ObjectNotFound:
+                continue
+            if deployment.work_pool_name is None:
+                client.pause_deployment(deployment.id)
+                paused.append(deployment_name(spec))
+    return paused
+
+
 def serve(prefect_file: str = DEFAULT_PREFECT_FILE, names: list[str] | None = None) -> None:
-    """Run the file's deployments (or those named) in this process until interrupted."""
+    """Run the file's deployments (or those named) in this process until interrupted (SIGINT or SIGTERM)."""
     from prefect import serve as prefect_serve
     from prefect.client.schemas.schedules import construct_schedule
 
@@ -77,6 +132,7 @@ def serve(prefect_file: str = DEFAULT_PREFECT_FILE, names: list[str] | None = No
         if unknown:
             raise ConfigError(f"{prefect_file}: no deployments named {unknown}; it has {[s['name'] for s in specs]}")
         specs = [s for s in specs if s["name"] in names]
+    refuse_worker_deployments(specs, prefect_file)
     create_concurrency_limits(prefect_file)
     deployments = []
     for spec in specs:
@@ -94,4 +150,7 @@ def serve(prefect_file: str = DEFAULT_PREFECT_FILE, names: list[str] | None = No
                 schedules=schedules,
             )
         )
-    prefect_serve(*deployments)
+    try:
+        prefect_serve(*deployments, pause_on_shutdown=False)  # it would pause by id, whoever owns it by then
+    finally:
+        pause_served(specs)

@@ -1,14 +1,15 @@
 """The sample grid: a few images per category and purpose, drawn into one small PNG for people.
 
-The PNG is part of each version (``sample_grid.png``); the run's summary artifact embeds it (:func:`markdown`),
-so the Prefect UI shows it whatever the manifest root is (a browser cannot open ``file://`` or private
-bucket URLs).
+The PNG is part of each version (``sample_grid.png``); the run's summary artifact embeds a small JPEG of it
+(:func:`markdown`), so the Prefect UI shows it whatever the manifest root is (a browser cannot open
+``file://`` or private bucket URLs).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import struct
 from collections.abc import Sequence
 
 import fsspec
@@ -21,6 +22,8 @@ from strata.storage import naming, uri_path
 from tasks.policy import stage
 
 THUMB = 96
+UI_BUDGET = 100_000  # characters of the grid's data URI in the summary artifact
+JPEG_MAX_SIDE = 65_535  # pixels: the format's limit
 
 
 def grid_samples(manifest: pd.DataFrame, per_cell: int = 4) -> pd.DataFrame:
@@ -63,9 +66,34 @@ def draw(cells: Sequence[tuple[str, Sequence[bytes | None]]], thumb: int = THUMB
     return buffer.getvalue()
 
 
-def markdown(png: bytes, caption: str) -> str:
-    """The grid as markdown the Prefect UI renders: the PNG inline, as a data URI."""
-    return f"![{caption}](data:image/png;base64,{base64.b64encode(png).decode()})"
+def markdown(png: bytes, caption: str, budget: int = UI_BUDGET) -> str:
+    """The grid as markdown the Prefect UI renders: inline, as a JPEG data URI of at most ``budget`` characters.
+
+    The UI loads an artifact whole, and a grid of photos as PNG runs to hundreds of kB; a JPEG scaled down
+    until it fits keeps every run's summary quick to open. A grid that does not fit even at a quarter of its
+    size (hundreds of categories) is named instead of shown.
+    """
+    width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR: decide before decoding it
+    if width * height > (Image.MAX_IMAGE_PIXELS or width * height):
+        return _too_large(caption)
+    with Image.open(io.BytesIO(png)) as image:
+        grid = image.convert("RGB")
+    scale = 1.0
+    while scale >= 0.25:
+        size = (max(1, round(grid.width * scale)), max(1, round(grid.height * scale)))
+        scale *= 0.8
+        if max(size) > JPEG_MAX_SIDE:
+            continue
+        buffer = io.BytesIO()
+        grid.resize(size, Image.Resampling.LANCZOS).save(buffer, "JPEG", quality=80, optimize=True)
+        uri = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+        if len(uri) <= budget:
+            return f"![{caption}]({uri})"
+    return _too_large(caption)
+
+
+def _too_large(caption: str) -> str:
+    return f"{caption}: the sample grid is too large to show here; it is `{m.GRID_FILE}` in the version."
 
 
 @stage("report")

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
-from prefect import get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import get_client, get_run_logger
+from prefect.artifacts import Artifact, MarkdownArtifact, TableArtifact
+from prefect.client.schemas.actions import ArtifactCreate
+from prefect.utilities.context import get_task_and_flow_run_ids
 from pydantic import BaseModel
 
 from loader import manifest as m
@@ -321,7 +323,29 @@ def summary_markdown(summary: CurateSummary, result: Result, parameters: Mapping
 
 
 def _parameters_table(parameters: Mapping[str, Any]) -> pd.DataFrame:
-    return pd.DataFrame({"parameter": list(parameters), "value": [str(v) for v in parameters.values()]})
+    """Values as code spans: markdown would eat the backslashes of a regex."""
+    values = ["`" + str(v).replace("`", "'") + "`" for v in parameters.values()]
+    return pd.DataFrame({"parameter": list(parameters), "value": values})
+
+
+def _on_flow_run(artifact: Artifact) -> None:
+    """Create ``artifact`` on the flow run alone: the UI shows a task run's artifacts apart, under the task,
+    and a person looks for how a run ended on the run."""
+    _, flow_run_id = get_task_and_flow_run_ids()
+    data = artifact.format(_sync=True)  # type: ignore[call-arg]  # async_dispatch's sync path, as Prefect calls it
+    request = ArtifactCreate(
+        type=artifact.type, key=artifact.key, description=artifact.description, flow_run_id=flow_run_id, data=data
+    )
+    with get_client(sync_client=True) as client:
+        client.create_artifact(artifact=request)
+
+
+def create_markdown_artifact(markdown: str, key: str, description: str) -> None:
+    _on_flow_run(MarkdownArtifact(markdown=markdown, key=key, description=description))
+
+
+def create_table_artifact(table: list[dict[str, Any]], key: str, description: str) -> None:
+    _on_flow_run(TableArtifact(table=table, key=key, description=description))
 
 
 @stage("report", storage=False)

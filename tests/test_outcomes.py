@@ -200,5 +200,6 @@ def test_an_unreachable_api_is_one_line(tmp_path: Path, write_image: Callable[..
 def test_the_readme_gives_the_outcome_model_the_code_uses() -> None:
     from strata.outcome import markdown_table
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert markdown_table() in readme
+    repo = Path(__file__).resolve().parents[1]
+    for readme in ("README.md", "deployments/README.md"):
+        assert markdown_table() in (repo / readme).read_text(), f"{readme}: update its table to markdown_table()"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import fsspec
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -18,7 +19,9 @@ from loader import manifest as m
 from strata.cli import main
 from strata.config import CurateOptions
 from strata.errors import ValidationFailed
-from tests.conftest import artifact, encode, kinds, picture, run_artifacts
+from tasks.grid import UI_BUDGET, draw
+from tasks.grid import markdown as grid_markdown
+from tests.conftest import artifact, encode, kinds, picture, png_claiming, run_artifacts
 
 UNIQUENESS = r"(\d+)_\d+\.\w+$"
 
@@ -125,6 +128,7 @@ def test_report_artifacts_can_be_read_back_through_the_client(tmp_path: Path, wr
     )
     summary = state.result()
     artifacts = run_artifacts(state.state_details.flow_run_id)
+    assert {a.task_run_id for a in artifacts.values()} == {None}  # the run's, not the report task's
     assert kinds(artifacts) == {"counts", "diff", "duplicates", "largest-groups", "rejects", "summary", "inspect"}
     assert len({key.rsplit("-", 1)[0] for key in artifacts if not key.endswith("largest-groups")}) == 1
     counts = {row["category"]: row for row in json.loads(artifact(artifacts, "counts").data)}
@@ -145,14 +149,35 @@ def test_report_artifacts_can_be_read_back_through_the_client(tmp_path: Path, wr
     assert f"{summary.version_uri}/{m.MANIFEST_FILE}" in markdown and "validation: passed" in markdown
     assert "rejects, new in this run: truncated 1" in markdown or "rejects, new in this run: unreadable 1" in markdown
     # The grid is in the summary itself (a browser cannot open file:// or private bucket URLs) and in the version.
-    inline = markdown.split("(data:image/png;base64,", 1)[1].split(")", 1)[0]
+    inline = markdown.split("(data:image/jpeg;base64,", 1)[1].split(")", 1)[0]
+    assert len(inline) <= UI_BUDGET
     with Image.open(io.BytesIO(base64.b64decode(inline))) as image:
-        assert image.width > 100 and image.height > 50
+        assert image.format == "JPEG" and image.width > 300 and image.height >= 4 * 96  # small enough as it is
     with fsspec.open(f"{summary.version_uri}/{m.GRID_FILE}", "rb") as handle:
         grid = handle.read()
     assert grid.startswith(b"\x89PNG")
     with Image.open(io.BytesIO(grid)) as image:
         assert image.width > 300 and image.height >= 4 * 96  # 2 categories x 2 purposes
+
+
+def test_a_grid_of_photos_is_embedded_within_the_budget() -> None:
+    """Noise is the worst case for a compressor: twenty rows of it are a PNG ten times the budget; the UI
+    gets a smaller JPEG, and a grid of thousands of rows is named rather than shown."""
+    rng = np.random.default_rng(0)
+
+    def photo() -> bytes:
+        return encode(Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)), "jpg")
+
+    png = draw([(f"c{row} / train", [photo() for _ in range(4)]) for row in range(20)])
+    assert len(png) > 10 * UI_BUDGET
+    inline = grid_markdown(png, "vials v1").split("(data:image/jpeg;base64,", 1)[1].rstrip(")")
+    assert len(inline) <= UI_BUDGET
+    with Image.open(io.BytesIO(base64.b64decode(inline))) as image, Image.open(io.BytesIO(png)) as full:
+        assert image.format == "JPEG" and full.width // 3 < image.width < full.width
+        assert abs(image.width / image.height - full.width / full.height) < 0.05
+    assert grid_markdown(png_claiming(560, 200_000), "vials v1") == (  # 2,000 rows: never decoded
+        f"vials v1: the sample grid is too large to show here; it is `{m.GRID_FILE}` in the version."
+    )
 
 
 def test_strata_diff_lists_changes_and_no_purpose_moves(

@@ -5,6 +5,8 @@ loader's cache on both servers, over keys that need percent-encoding."""
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import random
 from pathlib import Path
@@ -14,6 +16,7 @@ import fsspec
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+from PIL import Image
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 
@@ -25,8 +28,9 @@ from strata.deployments import limit_name
 from strata.errors import CommitConflict, UnsafeStore
 from strata.storage import decode_uri, decode_uris, object_uri, object_uris, uri_path
 from tasks.commit_guard import PROBE_PREFIX, honours_exclusive_create
+from tasks.grid import UI_BUDGET
 from tasks.publish import Store, claim_version, write_version
-from tests.conftest import encode, picture
+from tests.conftest import artifact, encode, picture, run_artifacts
 
 BUCKET = "strata-test"
 # Keys a standard URI parser misreads unless they are percent-encoded (issue 25: 6 of 40 rows resolved
@@ -195,6 +199,22 @@ def test_on_a_store_that_honours_exclusive_create_the_opt_in_changes_nothing(
     )
     assert summary.published
     assert m.open_version(f"s3://{BUCKET}/m/d").info["commit_guard"] == EXCLUSIVE_CREATE
+
+
+def test_the_summary_embeds_the_sample_grid_for_an_s3_root(s3: Any, tmp_path: Path, write_image: Any) -> None:
+    """A browser cannot open a private bucket's URL: the grid travels inside the summary artifact."""
+    for item in range(8):
+        write_image(f"{'good' if item % 2 else 'bad_cap'}/{item}_0.png", seed=item)
+    state = curate_dataset(
+        source=str(tmp_path / "src"), dataset="d", manifest_root=f"s3://{BUCKET}/m", return_state=True
+    )
+    assert state.name == "Published"
+    summary = artifact(run_artifacts(state.state_details.flow_run_id), "summary").data
+    inline = summary.split("](data:image/jpeg;base64,", 1)[1].split(")", 1)[0]
+    assert len(inline) <= UI_BUDGET and "s3://" not in summary.split("## Sample grid", 1)[1]
+    with Image.open(io.BytesIO(base64.b64decode(inline))) as image:
+        assert image.format == "JPEG" and image.height >= 2 * 96  # a row per category and purpose
+    assert s3.cat_file(f"{BUCKET}/m/d/v000001/{m.GRID_FILE}").startswith(b"\x89PNG")
 
 
 def test_listing_reading_and_the_loader_cache_on_both_servers(
