@@ -10,6 +10,7 @@ inputs in a few minutes (without installing brevettiai): it checks the harness, 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -120,6 +121,22 @@ def format_row(work: Path, ext: str, count: int, rounds: int) -> dict:
     }
 
 
+class Rows(dict):
+    """The measured rows, judged and written to ``out`` (beside ``kept``, rows of an earlier run) as each comes."""
+
+    def __init__(self, kept: dict, out: Path | None) -> None:
+        super().__init__()
+        self.kept, self.out = kept, out
+
+    def __setitem__(self, name: str, row: dict) -> None:
+        super().__setitem__(name, row)
+        if self.out is not None:
+            from benchmarks.curation import to_json
+
+            judged_rows = {**self.kept, **{n: judged(n, r) for n, r in self.items()}}
+            self.out.write_text(to_json(dict(sorted(judged_rows.items()))) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small inputs, a few minutes: checks the harness")
@@ -137,7 +154,11 @@ def main() -> None:
     from benchmarks import loader as loader_rows
     from benchmarks.data import make_images
 
-    results: dict[str, dict] = {}
+    out = args.out or (None if args.quick else HERE / "results.json")
+    # --only updates those rows of an existing results file; every row is written as soon as it is measured,
+    # so a row that fails loses no other row's result.
+    kept = json.loads(out.read_text()) if args.only and out is not None and out.exists() else {}
+    results = Rows(kept, out)
     with tempfile.TemporaryDirectory() as scratch, prefect_test_harness(server_startup_timeout=180):
         work = Path(scratch)
         if {"loader", "loader_augmented"} & set(chosen):
@@ -203,16 +224,14 @@ def main() -> None:
             print(f"memory: {size['split']:,} rows split + validate + publish ...", flush=True)
             results["memory"] = curation.memory_row(size["split"])
 
-    results = {name: judged(name, row) for name, row in results.items()}
+    results = {name: judged(name, row) for name, row in results.items() if name in chosen}
     print(f"\n{'row':<20}{'ours':>12}{'baseline':>12}{'ratio':>9}  {'met':<5}target")
     for name, row in results.items():
         baseline = f"{row['baseline']:.4g}" if row["baseline"] is not None else "-"
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
         print(f"{name:<20}{row['ours']:>12.4g}{baseline:>12}{ratio:>9}  {str(row['met']):<5}{row['target']}")
         print(f"{'':<20}{row['unit']}; {row['note']}")
-    out = args.out or (None if args.quick else HERE / "results.json")
     if out is not None:
-        out.write_text(curation.to_json(results) + "\n")
         print(f"\nwrote {out}")
 
 

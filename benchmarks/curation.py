@@ -216,7 +216,11 @@ def incremental_row(folder: Path, files: int) -> dict:
     from PIL import Image
 
     from flows.curate import curate_dataset
+    from strata.config import CurateOptions
 
+    # The photographs are variants of a few dozen source photos, so near duplicates chain thousands of them
+    # into one unit: the look-alike guard would hold the run for review. This row measures the re-run.
+    options = CurateOptions(max_group_share=1.0)
     source = folder / "src"
     half = files // 2
     with ProcessPoolExecutor(2) as pool:
@@ -225,18 +229,20 @@ def incremental_row(folder: Path, files: int) -> dict:
     (warm / "a").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(warm / "a" / "x.png")
     curate_dataset(source=str(warm), dataset="w", manifest_root=str(folder / "m"))  # start the API first
-    cold, _ = _timed(lambda: curate_dataset(source=str(source), dataset="d", manifest_root=str(folder / "m")))
-    reruns = [
-        _timed(lambda: curate_dataset(source=str(source), dataset="d", manifest_root=str(folder / "m")))
-        for _ in range(5)
-    ]
+    def run() -> object:
+        return curate_dataset(source=str(source), dataset="d", manifest_root=str(folder / "m"), options=options)
+
+    cold, first = _timed(run)
+    assert first.published, first.message
+    reruns = [_timed(run) for _ in range(5)]
     assert not any(summary.published for _, summary in reruns)
     again = min(seconds for seconds, _ in reruns)
     return {
         "ours": again,
         "baseline": cold,
         "unit": "s",
-        "note": f"{files:,} JPEGs 640x480; best of 5 re-runs ({', '.join(f'{s:.2f}' for s, _ in reruns)} s) / "
+        "note": f"{files:,} JPEGs 640x480 (look-alike variants: max_group_share 1.0); "
+        f"best of 5 re-runs ({', '.join(f'{s:.2f}' for s, _ in reruns)} s) / "
         "the cold run; every Prefect 3.8 flow run lasts a whole number of seconds (its heartbeat thread), so a "
         "re-run takes at least 1 s",
     }
