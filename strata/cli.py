@@ -223,7 +223,9 @@ def _curate(source: str, dataset: str, manifests: str, args: argparse.Namespace)
         # the options are checked and the flow's stack imports
         options = _options(args)
         from flows.curate import curate_dataset
+        from tasks.expectations import import_in_background
 
+        import_in_background()  # while the server boots, not while the listing needs the interpreter
         ready()
         state = curate_dataset(
             source=source, dataset=dataset, manifest_root=manifests, options=options, return_state=True

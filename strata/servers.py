@@ -148,7 +148,16 @@ def temporary_servers() -> Iterator[Callable[[], None]]:
             raise failures[0]
 
     try:
-        yield ready
+        if settings.api.url is None:
+            # Heartbeats let a long-lived server mark runs whose process died as crashed; this server dies
+            # with the run, so nothing reads them, and the engine's join of the heartbeat thread (which sleeps
+            # in whole seconds) would hold every run up to a second.
+            from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+            with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+                yield ready
+        else:
+            yield ready
     finally:
         if starter.ident is not None:
             starter.join()

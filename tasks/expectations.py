@@ -59,9 +59,11 @@ def _gx_type(arrow_type: pa.DataType) -> str:
     return str(arrow_type.to_pandas_dtype().__name__)
 
 
+@functools.cache
 def import_in_background() -> threading.Thread:
-    """Start importing Great Expectations in a thread (seconds of CPU), so that it overlaps the listing, which
-    waits on the file system; ``validate_manifest`` imports it as usual and waits for the thread if needed."""
+    """Start importing Great Expectations in a thread (seconds of CPU), once a process, so that it overlaps
+    waits (the CLI starts it while the API server boots, the flow before the listing); ``validate_manifest``
+    imports it as usual and waits for the thread if needed."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     thread = threading.Thread(target=importlib.import_module, args=("great_expectations",), daemon=True)
     thread.start()
