@@ -13,6 +13,7 @@ are still served (no work pool): a ``prefect deploy`` made while it ran keeps it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,20 +76,26 @@ def deployment_name(spec: dict[str, Any]) -> str:
     return f"{FLOW_NAME}/{spec['name']}"
 
 
-def refuse_worker_deployments(specs: list[dict[str, Any]], prefect_file: str) -> None:
-    """Raise ConfigError if one of ``specs`` is deployed on a work pool: serving it would take it from its worker."""
+def _deployed(specs: list[dict[str, Any]]) -> Iterator[tuple[Any, Any]]:
+    """``(client, deployment)`` for each of ``specs`` that exists on the server."""
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
-    taken = []
     with get_client(sync_client=True) as client:
         for spec in specs:
             try:
-                existing = client.read_deployment_by_name(deployment_name(spec))
+                yield client, client.read_deployment_by_name(deployment_name(spec))
             except ObjectNotFound:
                 continue
-            if existing.work_pool_name is not None:
-                taken.append(f"{deployment_name(spec)} (work pool {existing.work_pool_name!r})")
+
+
+def refuse_worker_deployments(specs: list[dict[str, Any]], prefect_file: str) -> None:
+    """Raise ConfigError if one of ``specs`` is deployed on a work pool: serving it would take it from its worker."""
+    taken = [
+        f"{FLOW_NAME}/{deployment.name} (work pool {deployment.work_pool_name!r})"
+        for _, deployment in _deployed(specs)
+        if deployment.work_pool_name is not None
+    ]
     if taken:
         raise ConfigError(
             f"{prefect_file}: {', '.join(taken)} already deployed for a worker (prefect deploy); serving it would "
@@ -103,19 +110,11 @@ def pause_served(specs: list[dict[str, Any]]) -> list[str]:
     What ``flow.serve`` does on shutdown, except that a deployment a ``prefect deploy`` took over meanwhile
     keeps its schedule: its worker runs it now.
     """
-    from prefect import get_client
-    from prefect.exceptions import ObjectNotFound
-
     paused = []
-    with get_client(sync_client=True) as client:
-        for spec in specs:
-            try:
-                deployment = client.read_deployment_by_name(deployment_name(spec))
-            except ObjectNotFound:
-                continue
-            if deployment.work_pool_name is None:
-                client.pause_deployment(deployment.id)
-                paused.append(deployment_name(spec))
+    for client, deployment in _deployed(specs):
+        if deployment.work_pool_name is None:
+            client.pause_deployment(deployment.id)
+            paused.append(f"{FLOW_NAME}/{deployment.name}")
     return paused
 
 
