@@ -252,7 +252,8 @@ def test_abandoned_iterations_are_dropped_and_say_so(classes: str) -> None:
 
 
 def test_balanced_batches_hold_exactly_the_asked_classes(classes: str) -> None:
-    ds = loader.from_manifest(classes, balanced=(3, 4), repeat=3, **GRAY)
+    with pytest.warns(UserWarning, match="'d' has 1"):  # class d's one image repeats within its batches
+        ds = loader.from_manifest(classes, balanced=(3, 4), repeat=3, **GRAY)
     batches = list(ds)
     assert len(batches) == 3 * (55 // 12)
     for images, labels in batches:
