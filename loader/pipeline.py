@@ -1,7 +1,7 @@
 """``from_manifest()``: one committed manifest version as a seeded, stratified ``tf.data`` pipeline.
 
 The pipeline reads as its stages: resolve and verify the version (``manifest``), choose rows (``sampling``),
-read and verify bytes (``source.Elements`` with ``images.Reader``, Python threads, read-ahead; once verified,
+read and verify bytes (``source.Elements`` with ``reader.Reader``, Python threads, read-ahead; once verified,
 local files are read in the graph), rebatch, then per batch and in parallel decode/crop/resize and augment
 (``images.decode``, ``augment``; on a GPU when one is visible), rescale and label.
 """
@@ -23,7 +23,6 @@ from loader.augment import Augment
 from loader.images import (
     ANTIALIAS,
     Antialias,
-    Reader,
     common_size,
     decode,
     decode_pixels,
@@ -33,6 +32,7 @@ from loader.images import (
     shrinks,
     uniform_jpeg,
 )
+from loader.reader import Reader
 from loader.source import Elements
 from loader.stages import host_map
 from strata.errors import ConfigError, ManifestError

@@ -23,7 +23,7 @@ import tensorflow as tf
 from loader import manifest as m
 from loader.augment import PARAMS, Augment, sample_keys
 from loader.formats import route
-from loader.images import Reader, Skipped
+from loader.reader import Reader, Skipped
 from loader.stages import host_map
 from strata.errors import ImageError
 
