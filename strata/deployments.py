@@ -71,9 +71,9 @@ def create_concurrency_limits(prefect_file: str = DEFAULT_PREFECT_FILE) -> dict[
     return {"concurrency_limits": names}
 
 
-def deployment_name(spec: dict[str, Any]) -> str:
+def deployment_name(name: str) -> str:
     """``<flow name>/<deployment name>``, as the server and ``prefect deployment run`` know it."""
-    return f"{FLOW_NAME}/{spec['name']}"
+    return f"{FLOW_NAME}/{name}"
 
 
 def _deployed(specs: list[dict[str, Any]]) -> Iterator[tuple[Any, Any]]:
@@ -84,7 +84,7 @@ def _deployed(specs: list[dict[str, Any]]) -> Iterator[tuple[Any, Any]]:
     with get_client(sync_client=True) as client:
         for spec in specs:
             try:
-                yield client, client.read_deployment_by_name(deployment_name(spec))
+                yield client, client.read_deployment_by_name(deployment_name(spec["name"]))
             except ObjectNotFound:
                 continue
 
@@ -92,7 +92,7 @@ def _deployed(specs: list[dict[str, Any]]) -> Iterator[tuple[Any, Any]]:
 def refuse_worker_deployments(specs: list[dict[str, Any]], prefect_file: str) -> None:
     """Raise ConfigError if one of ``specs`` is deployed on a work pool: serving it would take it from its worker."""
     taken = [
-        f"{FLOW_NAME}/{deployment.name} (work pool {deployment.work_pool_name!r})"
+        f"{deployment_name(deployment.name)} (work pool {deployment.work_pool_name!r})"
         for _, deployment in _deployed(specs)
         if deployment.work_pool_name is not None
     ]
@@ -114,7 +114,7 @@ def pause_served(specs: list[dict[str, Any]]) -> list[str]:
     for client, deployment in _deployed(specs):
         if deployment.work_pool_name is None:
             client.pause_deployment(deployment.id)
-            paused.append(f"{FLOW_NAME}/{deployment.name}")
+            paused.append(deployment_name(deployment.name))
     return paused
 
 
