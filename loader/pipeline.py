@@ -360,10 +360,11 @@ def _check(args: Mapping[str, Any]) -> int:
         )
     if args["augment"] is not None and not isinstance(args["augment"], Augment):
         raise ConfigError(f"augment must be a loader.Augment, got {type(args['augment']).__name__}")
-    if args["stratify_by"] is not None and not (isinstance(args["stratify_by"], str) and args["stratify_by"] == "auto"):
-        if isinstance(args["stratify_by"], str):
-            raise ConfigError(f"stratify_by must be a sequence of columns, e.g. ({args['stratify_by']!r},)")
-        unknown = [c for c in args["stratify_by"] if c not in m.COLUMNS]
+    stratify = args["stratify_by"]
+    if isinstance(stratify, str) and stratify != "auto":
+        raise ConfigError(f"stratify_by must be a sequence of columns, e.g. ({stratify!r},)")
+    if stratify is not None and not isinstance(stratify, str):
+        unknown = [c for c in stratify if c not in m.COLUMNS]
         if unknown:
             raise ConfigError(f"stratify_by names unknown columns {unknown}; manifest columns: {', '.join(m.COLUMNS)}")
     return COLOR_MODES[args["color_mode"]]
