@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["JPEG", "NATIVE", "PILLOW", "GREY", "GREY_JPEG", "PNG16", "ALPHA", "route"]
+__all__ = ["JPEG", "NATIVE", "PILLOW", "GREY", "GREY_JPEG", "PNG16", "ALPHA", "CACHED", "route"]
 
 # Decode routes (loader.images.decode_pixels): TensorFlow's JPEG decoder for colour (YCbCr, CMYK) and for grey
 # JPEGs, its generic decoder for colour and for grey images and for WebPs with alpha (which it decodes only
 # with their alpha), its PNG decoder at 16 bits, or Pillow.
 JPEG, NATIVE, PILLOW, GREY, GREY_JPEG, PNG16, ALPHA = 0, 1, 2, 3, 4, 5, 6
+# Not a format: the row's bytes are its entry in the pixel cache (loader.cache), pixels as stored_pixels made them.
+CACHED = 7
 
 
 def route(fmt: str, data: bytes) -> int:

@@ -20,8 +20,11 @@ from fsspec.implementations.local import LocalFileSystem
 from loader import manifest as m
 from loader import sampling
 from loader.augment import Augment
+from loader.cache import PixelCache
+from loader.formats import CACHED
 from loader.images import (
     ANTIALIAS,
+    IDCT,
     Antialias,
     common_size,
     decode,
@@ -112,8 +115,12 @@ def from_manifest(
         augment: per-sample seeded augmentation: on the first GPU when one is visible (each batch is copied
             there first), otherwise on the CPU to each image right after decoding it, in the same call; the
             same pixels either way, within float rounding.
-        cache_dir: local folder keeping remote image bytes by md5; later epochs and jobs read no remote
-            object again. Local sources are read in place.
+        cache_dir: local folder for what later epochs and jobs need not redo: every image's pixels as
+            decoded, cropped and resized with these settings (float32, 588 KiB at 224x224 in rgb), stored when
+            first decoded, so that warm epochs neither read nor decode images, and remote images' bytes, by md5,
+            so that no remote object is fetched twice (local images are read in place). The same batches, bit
+            for bit, with or without it; every image's md5 is still checked on its first read in each process.
+            Pixels are not cached with ``on_error="skip"``.
         input_context: ``tf.distribute.InputContext``: each input pipeline owns a disjoint share of the rows.
         storage_options: fsspec options for remote manifests and images (endpoint, credentials); without
             them the AWS environment applies.
@@ -176,6 +183,13 @@ def from_manifest(
     scales = scales.astype(np.int32)
     uniform = uniform_jpeg(formats, scales, widths, heights, image_size, roi)
     paths = reader.local_paths if on_error == "raise" else None  # None: bytes pass through Python
+    cache = None
+    if cache_dir is not None and paths is not None:
+        settings = dict(
+            color_mode=color_mode, sample_bits=sample_bits, image_size=image_size, keep_aspect_ratio=keep_aspect_ratio,
+            antialias=antialias, roi=roi, idct=IDCT,
+        )  # fmt: skip
+        cache = PixelCache(cache_dir, settings, rows[m.MD5].to_numpy(), (*shape, channels))
     elements = Elements(
         rows=rows,
         labels=np.searchsorted(class_names, rows[m.CATEGORY].to_numpy()).astype(np.int64),
@@ -189,17 +203,18 @@ def from_manifest(
         seed=seed,
         skip=on_error == "skip",
         members=[owned[codes[owned] == c] for c in range(codes.max() + 1)] if balanced else None,
+        cache=cache,
     )
 
     gpus = tf.config.list_logical_devices("GPU") if augment is not None else []
     device = gpus[0].name if gpus and input_context is None else None
     on_cpu = augment is not None and device is None  # augment in the decoding function, one XLA call an image
-    spent = {"data", "path", "size", "how", "scale"} | ({"params", "noise_seed"} if on_cpu else set())
+    spent = {"data", "path", "size", "how", "scale", "entry", "row"} | ({"params", "noise_seed"} if on_cpu else set())
 
     # Images of one size are stacked as decoded and resized per batch, unless the uint8 stack would outweigh
     # the float32 batch it becomes (large images without a DCT scale): those are resized one by one, holding
-    # less memory.
-    stacked = common_size(widths, heights, scales, roi) if not on_cpu else None
+    # less memory. Cached images come resized, so with a pixel cache every image is resized by itself.
+    stacked = common_size(widths, heights, scales, roi) if not on_cpu and cache is None else None
     if stacked is not None and image_size is not None and stacked[0] * stacked[1] > 4 * image_size[0] * image_size[1]:
         stacked = None
 
@@ -231,9 +246,20 @@ def from_manifest(
         images = tf.TensorArray(tf.float32, size=count, element_shape=[*shape, channels])
         for i in tf.range(count):
             how, scale = e["how"][i], e["scale"][i]
-            image = decode(
-                read(i), how, scale, channels, image_size, keep_aspect_ratio, roi, uniform, sample_bits, antialias
-            )
+
+            def fresh(i: tf.Tensor = i, how: tf.Tensor = how, scale: tf.Tensor = scale) -> tf.Tensor:
+                return decode(
+                    read(i), how, scale, channels, image_size, keep_aspect_ratio, roi, uniform, sample_bits, antialias
+                )
+
+            if cache is None:
+                image = fresh()
+            else:  # an entry holds the image's output pixels; a row without one stores them once decoded
+                image = tf.cond(
+                    tf.equal(how, CACHED),
+                    lambda i=i: tf.reshape(tf.io.decode_raw(read(i), tf.float32), [*shape, channels]),
+                    lambda i=i: _kept(fresh(), e["entry"][i], e["row"][i], cache),
+                )
             if on_cpu:
                 image = augment.apply(image[None], e["params"][i][None], e["noise_seed"][i][None])[0]
             images = images.write(i, image)
@@ -263,6 +289,17 @@ def from_manifest(
     dataset.version = resolved.number
     dataset.skipped = elements.skipped
     return dataset
+
+
+def _kept(pixels: tf.Tensor, entry: tf.Tensor, row: tf.Tensor, cache: PixelCache) -> tf.Tensor:
+    """``pixels``, once stored as the row's pixel-cache entry when ``entry`` names one (a row without)."""
+
+    def store() -> tf.Tensor:
+        return tf.numpy_function(cache.store, [entry, pixels, row], tf.int64, stateful=True)
+
+    stored = tf.cond(tf.strings.length(entry) > 0, store, lambda: tf.constant(0, tf.int64))
+    with tf.control_dependencies([stored]):
+        return tf.identity(pixels)
 
 
 def _warn_repeats(rows: pd.DataFrame, columns: tuple[str, ...], codes: np.ndarray, per_group: int) -> None:

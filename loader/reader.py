@@ -138,7 +138,7 @@ class Reader:
             )
         self._verified.add(row)
         if cached is not None:
-            _write_atomic(cached, data)
+            write_atomic(cached, data)
         return data
 
     def _fetch(self, row: int) -> bytes:
@@ -162,7 +162,7 @@ class Reader:
                 attempt += 1
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
     try:

@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from loader import manifest as m
 from loader.augment import PARAMS, Augment, sample_keys
-from loader.formats import route
+from loader.cache import PixelCache
+from loader.formats import CACHED, route
 from loader.reader import Reader, Skipped
 from loader.stages import host_map
 from strata.errors import ImageError
@@ -41,7 +42,9 @@ class Elements:
     With ``paths`` (local files, or a local cache of remote ones) it yields paths: it reads and verifies only
     rows this process has not verified yet, and the graph reads the files itself, so a warm epoch runs no
     Python per image. Without (remote bytes not cached, or ``on_error="skip"``, which must catch every read)
-    it yields the bytes. Each iteration of the dataset calls it anew and continues with the next epochs, so
+    it yields the bytes. With a pixel ``cache`` (paths only), a row whose entry exists yields the entry's path
+    and the route CACHED; one without yields where the graph stores its entry (``entry``, ``row``). Each
+    iteration of the dataset calls it anew and continues with the next epochs, so
     repeated iteration (``model.fit(epochs=...)``) sees fresh orders while every process sees the same
     sequence.
 
@@ -66,6 +69,7 @@ class Elements:
         seed: int,
         skip: bool,
         members: list[np.ndarray] | None,
+        cache: PixelCache | None = None,
     ) -> None:
         self._uris = rows[m.PATH].to_numpy()
         self._formats = rows[m.FORMAT].to_numpy()
@@ -84,6 +88,7 @@ class Elements:
         self._seed = seed
         self._skip = skip
         self._members = members
+        self._cache = cache
         self.skipped = Skipped()
         self._iterations = 0
         self._live: dict[int, Iterator[dict[str, np.ndarray]] | None] = {}  # None: finished
@@ -163,6 +168,8 @@ class Elements:
         }
         if self._paths is not None:
             spec["path"], spec["size"] = tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int32)
+            if self._cache is not None:
+                spec["entry"], spec["row"] = tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.int64)
         else:
             spec["data"] = tf.TensorSpec([None], tf.string)
         if self._augment is not None:
@@ -196,7 +203,9 @@ class Elements:
                 read = self._routed(row, read)
                 if isinstance(read, ImageError):
                     raise read
-            element = {"path": self._paths[rows], "size": self._sizes[rows]}
+            element = {"path": self._paths[rows], "size": self._sizes[rows], "how": self._routes[rows]}
+            if self._cache is not None:
+                element.update(self._cached(rows, element))
         else:
             kept, data = [], []
             for row, group, read in zip(rows.tolist(), groups.tolist(), Reader.results(futures), strict=True):
@@ -213,12 +222,26 @@ class Elements:
                     kept.append(row)
                     data.append(read)
             rows = np.asarray(kept, dtype=np.int64)
-            element = {"data": np.asarray(data, dtype=object).reshape(-1)}
-        element.update(how=self._routes[rows], scale=self._scales[rows], label=self._labels[rows])
+            element = {"data": np.asarray(data, dtype=object).reshape(-1), "how": self._routes[rows]}
+        element.update(scale=self._scales[rows], label=self._labels[rows])
         if self._augment is not None:
             keys = sample_keys(self._seed, self._md5s[rows], np.full(len(rows), epoch))
             element["params"], element["noise_seed"] = self._augment.draw(keys, *self._shape)
         return element
+
+    def _cached(self, rows: np.ndarray, element: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Where the rows' pixels come from with the pixel cache: their entry where it exists (these rows' images
+        were all verified in this process), else their image, with the entry to store after decoding."""
+        sizes = self._cache.sizes(rows)
+        hit = sizes > 0
+        entries = self._cache.paths(rows)
+        return {
+            "path": np.where(hit, entries, element["path"]),
+            "size": np.where(hit, sizes, element["size"]).astype(np.int32),
+            "how": np.where(hit, CACHED, element["how"]).astype(np.int32),
+            "entry": np.where(hit, "", entries).astype(object),
+            "row": rows.astype(np.int64),
+        }
 
     def _routed(self, row: int, read: bytes | ImageError) -> bytes | ImageError:
         """``read``, once the row's decode route is known from its header; an ImageError naming the image when

@@ -574,7 +574,8 @@ def test_reads_s3_manifests_and_caches_image_bytes(s3: fsspec.AbstractFileSystem
     root = publish("s3://strata-test/data", sized_classes({"a": 5, "b": 4}), fs=s3)
     cache = tmp_path / "cache"
     first = [v for x, _ in loader.from_manifest(root, stratify_by=None, cache_dir=cache, **GRAY) for v in ids(x)]
-    assert sorted(first) == list(range(9)) and len(list(cache.glob("*/*"))) == 9
+    assert sorted(first) == list(range(9)) and len(list(cache.glob("??/*"))) == 9  # bytes by md5
+    assert len(list(cache.glob("pixels/*/??/*"))) == 9  # and decoded pixels
     s3.rm("strata-test/data/images", recursive=True)  # a second job reads no remote object again
     again = loader.from_manifest(root, stratify_by=None, cache_dir=cache, **GRAY)
     assert [v for x, _ in again for v in ids(x)] == first
