@@ -56,6 +56,21 @@ def test_a_clean_manifest_passes() -> None:
     assert result["statistics"]["evaluated"] >= 40 and result["summary"].startswith("all ")
 
 
+def test_validation_makes_no_batch_fingerprints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GX's batch fingerprint (a hash of the whole frame, metadata strata never reads) was half of a 1M-row
+    validation; a GX version that hashes again fails here."""
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    def refuse(frame: pd.DataFrame) -> str:
+        raise AssertionError("GX hashed a frame")
+
+    monkeypatch.setattr(pandas_execution_engine, "hash_pandas_dataframe", refuse)
+    result = validate(clean())
+    assert result["success"], result["failed"]
+    broken = validate(_set("md5", 3, "not-an-md5")(clean()))  # and failures are still found
+    assert not broken["success"]
+
+
 def _set(column: str, row: int, value: object) -> Callable[[pd.DataFrame], pd.DataFrame]:
     def broken(frame: pd.DataFrame) -> pd.DataFrame:
         frame[column] = frame[column].astype(object)
