@@ -161,6 +161,10 @@ def _curate(source: str, dataset: str, manifests: str, args: argparse.Namespace)
     from strata import outcome as outcomes
     from strata.servers import temporary_servers
 
+    if os.path.isdir(source):  # walk a local source while the imports run and the API server boots
+        from tasks.walk import prefetch
+
+        prefetch(source)
     with console(args.quiet, args.verbose, getattr(args, "restore_console", True)), temporary_servers() as ready:
         # temporary_servers: a killed run's temporary API server is stopped by the next run; it boots while
         # the options are checked and the flow's stack imports

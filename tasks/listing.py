@@ -1,13 +1,12 @@
 """Stage 1, list: every object under the source with key, size, etag and mtime.
 
 Image extensions are matched case-insensitively; everything else is skipped and counted. A local source is
-walked with ``os.scandir`` (one ``stat`` per file, what ``os.walk`` + ``stat`` costs); a remote one through
-``fs.find``. Either way the frame is built column by column in Arrow, not row by row in Python.
+walked with ``os.scandir``, one ``stat`` per file (``tasks.walk``, which the CLI starts early); a remote one is
+listed through ``fs.find``. Either way the frame is built column by column in Arrow, not row by row in Python.
 """
 
 from __future__ import annotations
 
-import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from loader.sampling import splitmix64
 from strata.errors import SourceError
 from strata.storage import encode_keys, naming, object_uri
 from tasks.policy import stage
+from tasks.walk import walk
 
 IMAGE_EXTENSIONS = frozenset({".bmp", ".png", ".jpg", ".jpeg", ".jpe", ".gif", ".tif", ".tiff", ".webp"})
 LISTING_COLUMNS = (m.PATH, m.KEY, m.FOLDER, m.CATEGORY, m.SIZE, m.ETAG, m.MTIME)
@@ -87,26 +87,6 @@ def category_of(key: str) -> str:
     return head if sep else ""
 
 
-def _walk(root: str) -> tuple[list[str], list[int], list[float], list[int]]:
-    """Keys (relative, ``/``-separated), sizes, mtimes and inodes of every file under a local folder.
-
-    One ``scandir`` per folder and one ``stat`` per file, each folder's entries handled by list
-    comprehensions: about what ``os.walk`` and a ``stat`` per file cost.
-    """
-    keys: list[str] = []
-    stats: list[os.stat_result] = []
-    pending = [("", root)]
-    while pending:
-        prefix, folder = pending.pop()
-        with os.scandir(folder) as scan:
-            entries = list(scan)
-        pending += [(f"{prefix}{e.name}/", e.path) for e in entries if e.is_dir(follow_symlinks=False)]
-        files = [e for e in entries if e.is_file()]
-        stats += [os.stat(e.path) for e in files]
-        keys += [prefix + e.name for e in files]
-    return keys, [s.st_size for s in stats], [s.st_mtime for s in stats], [s.st_ino for s in stats]
-
-
 def listing_table(
     uri_prefix: str, keys: pa.Array, sizes: np.ndarray, etags: pa.Array, mtimes: pa.Array
 ) -> tuple[pd.DataFrame, dict[str, int]]:
@@ -158,7 +138,7 @@ def list_source(fs: fsspec.AbstractFileSystem, root: str, source_uri: str) -> Li
         if not fs.exists(root):
             raise SourceError(f"source {source_uri} does not exist: check the path, bucket and credentials")
         if isinstance(fs, LocalFileSystem):
-            keys, sizes, stamps, inodes = _walk(root)
+            keys, sizes, stamps, inodes = walk(root)
             etags = pa.array(local_etags(np.array(sizes), np.array(stamps), np.array(inodes))).cast(pa.string())
             micros = np.round(np.array(stamps, dtype=np.float64) * 1e6).astype(np.int64)
             mtimes = pa.array(micros, pa.timestamp("us", tz="UTC"))
