@@ -88,8 +88,10 @@ def describe(err: Exception) -> str:
     import httpx
 
     text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    from strata.servers import is_temporary
+
     url = os.environ.get("PREFECT_API_URL")
-    where = f"the Prefect API at {url}" if url else "the temporary Prefect API"
+    where = f"the Prefect API at {url}" if url and not is_temporary(url) else "the temporary Prefect API"
     if isinstance(err, httpx.HTTPStatusError) and err.response.status_code in (401, 403):
         return (
             f"{where} refused the request ({err.response.status_code} {err.response.reason_phrase}): it needs "
