@@ -232,11 +232,11 @@ def main() -> None:
             results["memory"] = curation.memory_row(size["split"])
 
     results = {name: judged(name, row) for name, row in results.items() if name in chosen}
-    print(f"\n{'row':<20}{'ours':>12}{'baseline':>12}{'ratio':>9}  {'met':<5}target")
+    print(f"\n{'row':<20}{'ours':>12}{'baseline':>12}{'ratio':>9}  {'met':<6}target")
     for name, row in results.items():
         baseline = f"{row['baseline']:.4g}" if row["baseline"] is not None else "-"
         ratio = f"{row['ratio']:.2f}" if row["ratio"] is not None else "-"
-        print(f"{name:<20}{row['ours']:>12.4g}{baseline:>12}{ratio:>9}  {str(row['met']):<5}{row['target']}")
+        print(f"{name:<20}{row['ours']:>12.4g}{baseline:>12}{ratio:>9}  {str(row['met']):<6}{row['target']}")
         print(f"{'':<20}{row['unit']}; {row['note']}")
     if out is not None:
         print(f"\nwrote {out}")

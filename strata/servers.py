@@ -141,9 +141,6 @@ class _Server:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         self.api_url = f"http://127.0.0.1:{self.port}/api"
-        logging.getLogger("prefect").info(
-            "Starting temporary server on http://127.0.0.1:%d (it stops when this run ends)", self.port
-        )
         app_dir = str(Path(importlib.util.find_spec("prefect").origin).parents[1])
         command = [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory"]
         command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
@@ -151,6 +148,8 @@ class _Server:
 
     def wait(self) -> None:
         """Until the server answers its health check; relaunched on another port if its own was taken."""
+        # Said here, not at the launch: Prefect's log handlers exist once the flow's modules are imported.
+        logging.getLogger("prefect").info("Temporary API server on http://127.0.0.1:%d, stopped at exit", self.port)
         deadline = time.monotonic() + self._timeout
         while time.monotonic() < deadline:
             code = self.process.poll()
