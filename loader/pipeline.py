@@ -232,6 +232,19 @@ def from_manifest(
         def read(i: tf.Tensor) -> tf.Tensor:
             return e["data"][i] if paths is None else read_checked(e["path"][i], e["size"][i])
 
+        def output(i: tf.Tensor) -> tf.Tensor:
+            """Image i's pixels, before augmentation: decoded, or read from its pixel-cache entry (a row without
+            one stores them once decoded)."""
+            args = (image_size, keep_aspect_ratio, roi, uniform, sample_bits, antialias)
+            decoded = lambda: decode(read(i), e["how"][i], e["scale"][i], channels, *args)  # noqa: E731
+            if cache is None:
+                return decoded()
+            return tf.cond(
+                tf.equal(e["how"][i], CACHED),
+                lambda: tf.reshape(tf.io.decode_raw(read(i), tf.float32), [*shape, channels]),
+                lambda: _kept(decoded(), e["entry"][i], e["row"][i], cache),
+            )
+
         rest = {k: v for k, v in e.items() if k not in spent}
         if stacked is not None:
             raw = tf.TensorArray(tf.uint8, size=count, element_shape=[*stacked, channels])
@@ -245,21 +258,7 @@ def from_manifest(
             return {"image": resize(images, image_size, keep_aspect_ratio, filtering), **rest}
         images = tf.TensorArray(tf.float32, size=count, element_shape=[*shape, channels])
         for i in tf.range(count):
-            how, scale = e["how"][i], e["scale"][i]
-
-            def fresh(i: tf.Tensor = i, how: tf.Tensor = how, scale: tf.Tensor = scale) -> tf.Tensor:
-                return decode(
-                    read(i), how, scale, channels, image_size, keep_aspect_ratio, roi, uniform, sample_bits, antialias
-                )
-
-            if cache is None:
-                image = fresh()
-            else:  # an entry holds the image's output pixels; a row without one stores them once decoded
-                image = tf.cond(
-                    tf.equal(how, CACHED),
-                    lambda i=i: tf.reshape(tf.io.decode_raw(read(i), tf.float32), [*shape, channels]),
-                    lambda i=i: _kept(fresh(), e["entry"][i], e["row"][i], cache),
-                )
+            image = output(i)
             if on_cpu:
                 image = augment.apply(image[None], e["params"][i][None], e["noise_seed"][i][None])[0]
             images = images.write(i, image)
