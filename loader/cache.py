@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from loader.reader import write_atomic
 
@@ -62,8 +63,8 @@ class PixelCache:
         self.bytes = int(np.prod(shape)) * 4
         # Per distinct md5 (rows of one content share an entry): whether its entry exists (1) or not (0), -1
         # before the first look.
-        _, self._contents = np.unique(md5s, return_inverse=True)
-        self._present = np.full(int(self._contents.max(initial=-1)) + 1, -1, dtype=np.int8)
+        self._contents, distinct = pd.factorize(md5s)  # by hash: a quarter of np.unique's sort at 1M rows
+        self._present = np.full(len(distinct), -1, dtype=np.int8)
 
     def path(self, row: int) -> str:
         md5 = self._md5s[row]
